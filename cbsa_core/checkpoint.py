@@ -1,0 +1,227 @@
+"""Checkpoint I/O: atomic writes, safe reads, the authors' release formats, strict loading.
+
+Three on-disk layouts are recognised:
+
+* ``cbsa``: this project's own files. A dict with ``format == "cbsa"``, ``format_version``,
+  ``arch``, ``model_config`` and ``state_dict`` (plus optional training state).
+* ``authors_classification``: the official release (official-code.md §1.1.7),
+  ``{'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler'}`` with ``module.``-prefixed keys.
+* ``authors_segmentation``: the official Segmenter-style files (§1.3.5),
+  ``{'model', 'optimizer', 'n_cls', 'lr_scheduler', 'epoch'}`` with a ``variant.yml`` beside them.
+
+A bare ``state_dict`` (a mapping of names to tensors) is accepted too and treated like an authors' file,
+since that is what people extract from the release by hand.
+
+Every read uses ``torch.load(weights_only=True)``: checkpoints are untrusted input.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "atomic_save",
+    "read_checkpoint",
+    "checkpoint_kind",
+    "extract_state_dict",
+    "strip_prefix",
+    "make_checkpoint",
+    "save_model_checkpoint",
+    "check_state_dict",
+    "load_checkpoint",
+]
+
+_LOG = logging.getLogger(__name__)
+
+FORMAT_NAME = "cbsa"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or not a checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the destination folder, fsync, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX file systems.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint file safely (``weights_only=True``) and return it as a dict.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated, corrupt, or holds
+    something other than a dict of tensors and plain values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({size} bytes): the file is truncated, corrupt, or not a "
+            f"PyTorch checkpoint that loads with weights_only=True. Original error: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return dict(obj)
+
+
+def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
+    """Classify a loaded checkpoint: ``cbsa``, ``authors_classification``, ``authors_segmentation``
+    or ``state_dict``."""
+    if ckpt.get("format") == FORMAT_NAME:
+        return "cbsa"
+    if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
+        return "authors_classification"
+    if "model" in ckpt and isinstance(ckpt["model"], Mapping) and "n_cls" in ckpt:
+        return "authors_segmentation"
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return "state_dict"
+    raise CheckpointError(
+        "unrecognised checkpoint layout; top-level keys are " + ", ".join(sorted(map(str, ckpt))[:12])
+    )
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> "OrderedDict[str, torch.Tensor]":
+    """Remove a DataParallel/DDP (or other) prefix from every key that carries it."""
+    n = len(prefix)
+    return OrderedDict((k[n:] if k.startswith(prefix) else k, v) for k, v in state_dict.items())
+
+
+def extract_state_dict(ckpt: Mapping[str, Any]) -> "OrderedDict[str, torch.Tensor]":
+    """The model weights of any recognised layout, with ``module.`` prefixes removed."""
+    kind = checkpoint_kind(ckpt)
+    if kind in ("cbsa", "authors_classification"):
+        sd = ckpt["state_dict"]
+    elif kind == "authors_segmentation":
+        sd = ckpt["model"]
+    else:
+        sd = ckpt
+    return strip_prefix(sd)
+
+
+def make_checkpoint(model_state: Mapping[str, torch.Tensor], *, arch: str, model_config: Mapping[str, Any],
+                    **extra: Any) -> dict:
+    """Assemble a checkpoint dict in this project's format (format name, version, arch, config)."""
+    ckpt = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "model_config": dict(model_config),
+        "state_dict": OrderedDict((k, v.detach().cpu()) for k, v in model_state.items()),
+    }
+    ckpt.update(extra)
+    return ckpt
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def save_model_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> Path:
+    """Write ``model``'s weights and its constructor config atomically in this project's format.
+
+    The model must expose ``arch`` and ``model_config`` (all registry models do).
+    """
+    model = _unwrap(model)
+    arch = getattr(model, "arch", None) or type(model).__name__
+    config = getattr(model, "model_config", {})
+    return atomic_save(make_checkpoint(model.state_dict(), arch=arch, model_config=config, **extra), path)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
+                     source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped key.
+
+    With ``strict=False`` only shape mismatches are fatal (a partial load is then explicit, never silent).
+    """
+    expected = _unwrap(model).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es):\n    " + "\n    ".join(shapes[:40]))
+    if strict and missing:
+        problems.append(f"{len(missing)} key(s) missing from the {source}:\n    " + "\n    ".join(missing[:40]))
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) in the {source}:\n    " + "\n    ".join(unexpected[:40]))
+    if problems:
+        arch = getattr(_unwrap(model), "arch", type(_unwrap(model)).__name__)
+        raise CheckpointMismatchError(
+            f"{source} does not match model '{arch}':\n  " + "\n  ".join(problems)
+            + "\n  (is it a checkpoint of another arch, or built with other overrides?)"
+        )
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict:
+    """Load the weights of ``path`` into ``model`` and return the whole checkpoint dict.
+
+    * This project's files: the recorded ``arch`` must match the model's.
+    * Authors' files (or bare state dicts): ``module.`` is stripped and, where the model supports it,
+      the legacy token layout of the release (official-code.md §2.1 step 4) is switched on, with a log line.
+    * Any missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError` listing them.
+    """
+    ckpt = read_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    target = _unwrap(model)
+    if kind == "cbsa":
+        model_arch = getattr(target, "arch", None)
+        if model_arch is not None and ckpt.get("arch") not in (None, model_arch):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was saved from arch '{ckpt.get('arch')}', but the model is '{model_arch}'"
+            )
+    state_dict = extract_state_dict(ckpt)
+    check_state_dict(target, state_dict, strict=strict, source=f"checkpoint {path}")
+    legacy = kind != "cbsa"
+    if hasattr(target, "set_legacy_token_layout"):
+        if legacy:
+            _LOG.warning("%s has no cbsa format metadata: treating it as the authors' release and "
+                         "switching on the legacy token layout", path)
+            target.set_legacy_token_layout(True)
+        else:
+            target.set_legacy_token_layout(bool(ckpt.get("model_config", {}).get("legacy_token_layout", False)))
+    target.load_state_dict(state_dict, strict=strict)
+    return ckpt

@@ -1,0 +1,1 @@
+"""Datasets and transforms shared by the tracks."""

@@ -1,0 +1,4 @@
+"""Model definitions."""
+from .cbt import CBT, PreNorm, Transformer
+
+__all__ = ["CBT", "PreNorm", "Transformer"]

@@ -1,0 +1,1 @@
+"""ViT adaptation track: timm ViTs converted to CBSA-style attention."""

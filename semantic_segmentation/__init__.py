@@ -1,0 +1,1 @@
+"""Semantic segmentation track: Segmenter ViT encoder + CBT mask-transformer decoder."""
