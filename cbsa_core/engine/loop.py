@@ -1,0 +1,231 @@
+"""The training and evaluation loops shared by the classification and ViT fine-tuning tracks.
+
+Release semantics (official-code.md §1.1.5–1.1.6): autocast around forward + loss only, ``GradScaler`` for fp16,
+no clipping unless asked (item 14), no gradient accumulation, evaluation in fp32 (item 16). Additions: a non-finite
+loss stops the run before the bad update, and every reported metric is summed over all ranks (the release did not
+all-reduce train top-1).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .amp import autocast_context, check_precision
+from .distributed import (DistInfo, all_reduce_sum, collective_device, get_rank, get_world_size,
+                          is_dist_initialized, unwrap_model)
+from .meters import MetricLogger, accuracy
+
+__all__ = ["NonFiniteLossError", "default_unpack_batch", "train_one_epoch", "evaluate_classifier"]
+
+_LOG = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; raised before backward and the optimizer step, so the parameters and optimizer
+    state are those of the last good step. (BatchNorm running statistics have seen the failing forward: resume
+    from the last checkpoint rather than saving this model.)"""
+
+    def __init__(self, epoch: int, step: int, value: float, checkpoint: str | os.PathLike | None = None) -> None:
+        self.epoch = epoch
+        self.step = step
+        self.value = value
+        self.checkpoint = checkpoint
+        kept = (f"the last good checkpoint is kept at {os.fspath(checkpoint)}" if checkpoint is not None
+                else "no checkpoint is overwritten")
+        super().__init__(f"loss is {value} at epoch {epoch}, step {step}: stopping; {kept}")
+
+
+def default_unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, targets)`` from a ``(x, y, ...)`` tuple/list or an ``{"image"/"im", "target"/"segmentation"}`` dict."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        x = batch.get("image", batch.get("im"))
+        y = batch.get("target", batch.get("segmentation"))
+        if x is not None and y is not None:
+            return x, y
+    raise TypeError(f"cannot unpack a batch of type {type(batch).__name__}; pass unpack_batch=")
+
+
+def _is_classification(output: torch.Tensor, target: torch.Tensor) -> bool:
+    return output.ndim == 2 and target.ndim == 1 and not target.is_floating_point()
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    optimizer: torch.optim.Optimizer, *, epoch: int, device: torch.device | str,
+                    scaler: torch.amp.GradScaler | None = None, precision: str = "fp32",
+                    clip_grad: float | None = None, scheduler_per_iter: Any | None = None, print_freq: int = 50,
+                    log_fn: Callable[[dict, int], None] | None = None, dist_info: DistInfo | None = None,
+                    max_steps: int | None = None, compute_accuracy: bool = True, epochs: int | None = None,
+                    checkpoint_path: str | os.PathLike | None = None,
+                    unpack_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = default_unpack_batch) -> dict:
+    """Train for one pass over ``loader`` (or ``max_steps`` steps) and return epoch metrics summed over ranks.
+
+    Per step: forward + loss under autocast -> finiteness check (all ranks agree, so none is left waiting in a
+    collective) -> ``zero_grad(set_to_none=True)`` -> backward (scaled when ``scaler`` is enabled) -> optional
+    grad-norm clipping (after unscaling) -> optimizer step -> ``scheduler_per_iter.step()`` if given (segmentation;
+    per-epoch schedules are stepped by the caller).
+
+    ``log_fn(metrics, global_step)`` is called at each progress line (e.g. TensorBoard). ``checkpoint_path`` is
+    only quoted in the :class:`NonFiniteLossError` message.
+
+    Returns ``{"loss", "top1" (percent, or None), "lr" (of the last step), "images_per_sec" (all ranks),
+    "num_images", "steps", "epoch_time"}``.
+    """
+    precision = check_precision(precision)
+    device = torch.device(device)
+    use_scaler = scaler is not None and scaler.is_enabled()
+    if precision == "fp16" and not use_scaler:
+        _LOG.warning("fp16 training without an enabled GradScaler: small gradients may underflow")
+    main = dist_info.is_main if dist_info is not None else get_rank() == 0
+    # Every rank runs this loop, so the process group (not dist_info) decides whether to reduce.
+    distributed = is_dist_initialized() and get_world_size() > 1
+
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_steps is not None:
+        total = max_steps if total is None else min(total, max_steps)
+    header = f"Epoch [{epoch}/{epochs}]" if epochs is not None else f"Epoch [{epoch}]"
+    progress = MetricLogger(total, header=header, print_freq=print_freq, enabled=main)
+
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n_images = 0
+    acc_images = 0
+    lr = optimizer.param_groups[0]["lr"]
+    steps = 0
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            break
+        images, target = unpack_batch(batch)
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        bs = images.shape[0]
+        lr = optimizer.param_groups[0]["lr"]
+
+        with autocast_context(device, precision):
+            output = model(images)
+            loss = criterion(output, target)
+
+        # One scalar all-reduce per step: a NaN on any rank stops every rank at the same step (a lone raising
+        # rank would leave the others hanging in the backward all-reduce).
+        check = loss.detach().float().reshape(1)
+        if distributed:
+            check = all_reduce_sum(check.to(collective_device()))
+        if not bool(torch.isfinite(check).all()):
+            local = loss.detach().float().item()
+            raise NonFiniteLossError(epoch, step, local if not math.isfinite(local) else float(check.item()),
+                                     checkpoint_path)
+
+        optimizer.zero_grad(set_to_none=True)
+        if use_scaler:
+            scaler.scale(loss).backward()
+            if clip_grad is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        if scheduler_per_iter is not None:
+            scheduler_per_iter.step()
+
+        loss_val = loss.detach().double()
+        loss_sum += loss_val * bs
+        n_images += bs
+        values: dict[str, Any] = {"loss": loss_val}
+        if compute_accuracy and _is_classification(output, target):
+            (c1,) = accuracy(output.detach(), target, topk=(1,))
+            correct += c1
+            acc_images += bs
+            values["acc1"] = 100.0 * c1.item() / bs
+        values["lr"] = lr
+        steps = step + 1
+        line = progress.update(step, bs, **values)
+        if line is not None and log_fn is not None:
+            per_epoch = total if total is not None else 0
+            log_fn({k: float(v) for k, v in values.items()}, epoch * per_epoch + step)
+
+    elapsed = time.perf_counter() - start
+    totals = torch.stack([loss_sum, correct.double(),
+                          torch.tensor(float(n_images), dtype=torch.float64, device=device),
+                          torch.tensor(float(acc_images), dtype=torch.float64, device=device)])
+    totals = all_reduce_sum(totals.to(collective_device()) if distributed else totals).cpu()
+    g_loss, g_correct, g_images, g_acc_images = (float(v) for v in totals)
+    return {
+        "loss": g_loss / g_images if g_images else float("nan"),
+        "top1": 100.0 * g_correct / g_acc_images if g_acc_images else None,
+        "lr": float(lr),
+        "images_per_sec": g_images / elapsed if elapsed > 0 else float("nan"),
+        "num_images": int(g_images),
+        "steps": steps,
+        "epoch_time": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: Iterable,
+                        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                        device: torch.device | str, dist_info: DistInfo | None = None, precision: str = "fp32",
+                        topk: Sequence[int] = (1, 5), print_freq: int | None = None,
+                        unpack_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = default_unpack_batch
+                        ) -> dict:
+    """Top-1/top-5 accuracy (percent) and mean loss over exactly the images of ``loader`` on all ranks.
+
+    Per-batch sums (correct counts, ``loss * batch``) are all-reduced once at the end, so with a
+    :class:`~cbsa_core.engine.distributed.ShardedEvalSampler` the result covers every image exactly once. The
+    unwrapped model is evaluated, so shards of unequal length cannot stall a DDP collective. ``criterion`` must
+    average over the batch (the release's label-smoothing CE does). fp32 by default, as the release.
+    """
+    precision = check_precision(precision)
+    device = torch.device(device)
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    main = dist_info.is_main if dist_info is not None else get_rank() == 0
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    progress = MetricLogger(total, header="Test", print_freq=print_freq or 10**9, enabled=main and bool(print_freq))
+    sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss_sum, n, correct@k...
+    for step, batch in enumerate(loader):
+        images, target = unpack_batch(batch)
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast_context(device, precision):
+            output = net(images)
+        output = output.float()
+        loss = criterion(output, target)
+        bs = images.shape[0]
+        counts = accuracy(output, target, topk=topk)
+        sums[0] += loss.double() * bs
+        sums[1] += bs
+        for i, c in enumerate(counts):
+            sums[2 + i] += c
+        progress.update(step, bs, loss=loss)
+    net.train(was_training)
+
+    if is_dist_initialized() and get_world_size() > 1:
+        sums = all_reduce_sum(sums.to(collective_device()))
+    sums = sums.cpu()
+    n = int(sums[1].item())
+    if n == 0:
+        raise ValueError("evaluate_classifier saw no images (empty validation set?)")
+    result = {"loss": float(sums[0]) / n, "num_images": n}
+    for i, k in enumerate(topk):
+        result[f"top{k}"] = 100.0 * float(sums[2 + i]) / n
+    return result
