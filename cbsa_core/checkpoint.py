@@ -208,8 +208,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     kind = checkpoint_kind(ckpt)
     target = _unwrap(model)
     if kind == "cbsa":
+        from .registry import ALIASES  # lazy: the registry imports this module
+
         model_arch = getattr(target, "arch", None)
-        if model_arch is not None and ckpt.get("arch") not in (None, model_arch):
+        saved_arch = ckpt.get("arch")
+        if model_arch is not None and saved_arch is not None and \
+                ALIASES.get(saved_arch, saved_arch) != ALIASES.get(model_arch, model_arch):
             raise CheckpointMismatchError(
                 f"checkpoint {path} was saved from arch '{ckpt.get('arch')}', but the model is '{model_arch}'"
             )

@@ -50,9 +50,12 @@ def layerwise_compression(model: nn.Module, images: torch.Tensor, eps: float = 0
     captured: List[torch.Tensor] = []
     hooks = [layer.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
              for layer in layers]
+    was_training = model.training
+    model.eval()  # a measurement must not update BatchNorm running statistics
     try:
         model(images)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     rates = []

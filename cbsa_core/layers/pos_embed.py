@@ -23,6 +23,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], old_g
                          f"{old_grid[0]}x{old_grid[1]}")
     c = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=new_grid, mode=mode, align_corners=False).to(pos_embed.dtype)
+    # Half precision is upcast for the interpolation kernel; float32/float64 keep their precision.
+    work = grid.float() if grid.dtype in (torch.float16, torch.bfloat16) else grid
+    grid = F.interpolate(work, size=new_grid, mode=mode, align_corners=False).to(pos_embed.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], c)
     return torch.cat([prefix, grid], dim=1)

@@ -1,0 +1,263 @@
+"""Checkpoint I/O: the authors' release format (against tests/official_reference.py), this project's
+format, atomic writes, corrupt/unsafe files, and mismatches that must be refused with the details."""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+from lion_pytorch import Lion
+
+import official_reference as ref
+from cbsa_core import CBSA, create_model
+from cbsa_core.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointMismatchError, atomic_save,
+                                  checkpoint_kind, load_checkpoint, read_checkpoint, save_model_checkpoint)
+
+
+def _release_lr_lambda(epoch: int, warmup: int = 20, epochs: int = 150) -> float:
+    import math
+    return min((epoch + 1) / (warmup + 1e-8), 0.5 * (1 + math.cos(math.pi * epoch / epochs)))
+
+
+def write_authors_checkpoint(path, arch: str, seed: int, **overrides) -> nn.Module:
+    """A release-style file: random weights (incl. BN stats, step sizes), a real Lion/LambdaLR state,
+    ``module.``-prefixed keys, 0-d tensor best_acc1 (official-code.md §1.1.7)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ref.randomize_(ref.build(arch, **overrides), generator=g)
+    opt = Lion(model.parameters(), lr=2e-4, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _release_lr_lambda)
+    model.train()
+    size = overrides.get("image_size", 224)
+    model(torch.randn(2, 3, size, size, generator=g)).logsumexp(-1).mean().backward()
+    opt.step()
+    sched.step()
+    ref.randomize_(model, generator=g)         # training moved the BN stats; make them arbitrary again
+    ref.save_authors_checkpoint(model, path, arch=arch, epoch=41, best_acc1=torch.tensor(63.2), optimizer=opt,
+                                scheduler=sched)
+    return model.eval()
+
+
+AUTHORS_CASES = {
+    "Ours_tiny": dict(depth=2),
+    "Ours_small_patch8": dict(depth=1, image_size=112, patch_size=8),
+    "CRATE_tiny": dict(depth=2),
+    "ToST_tiny": dict(depth=2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AUTHORS_CASES))
+def test_authors_checkpoint_reproduces_the_release_logits(case, tmp_path, caplog):
+    arch = case.replace("_patch8", "")
+    overrides = AUTHORS_CASES[case]
+    path = tmp_path / "model_best.pth.tar"
+    reference = write_authors_checkpoint(path, arch, seed=len(case), **overrides)
+
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"epoch", "arch", "state_dict", "best_acc1", "optimizer", "scheduler"}
+    assert all(k.startswith("module.") for k in raw["state_dict"])
+    assert checkpoint_kind(raw) == "authors_classification"
+
+    with caplog.at_level(logging.INFO, logger="cbsa_core"):
+        model = create_model(arch, pretrained=path, **overrides).eval()
+    assert str(path) in caplog.text and "legacy" in caplog.text
+    cbsa_layers = [a for a in model.attention_layers if isinstance(a, CBSA)]
+    assert all(a.legacy_token_layout for a in cbsa_layers)
+    assert model.model_config["legacy_token_layout"] is True
+
+    size = overrides.get("image_size", 224)
+    img = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        expected = reference(img)
+        got = model(img)
+        assert expected.abs().max() > 0.5                          # non-trivial logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        if cbsa_layers:   # the test is sensitive to the layout: the corrected pooling gives other logits
+            model.set_legacy_token_layout(False)
+            assert (model(img) - expected).abs().max() > 1e-3
+
+
+def test_bare_state_dict_is_treated_as_the_release(tmp_path):
+    reference = ref.randomize_(ref.build("Ours_tiny", depth=1, image_size=112, patch_size=8),
+                               generator=torch.Generator().manual_seed(5)).eval()
+    torch.save(reference.state_dict(), tmp_path / "sd.pth")
+    model = create_model("cbt_tiny", depth=1, image_size=112, patch_size=8, pretrained=tmp_path / "sd.pth").eval()
+    assert all(a.legacy_token_layout for a in model.attention_layers)
+    img = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(model(img), reference(img), rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# This project's format
+# ------------------------------------------------------------------------------------------------
+def small(name="cbt_tiny", seed=0, **kw):
+    cfg = dict(depth=1, image_size=64, patch_size=8, num_classes=6)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    model = create_model(name, **cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval(), cfg
+
+
+@pytest.mark.parametrize("name,legacy", [("cbt_tiny", False), ("cbt_tiny", True), ("tssa_tiny", False)])
+def test_own_format_round_trip(name, legacy, tmp_path):
+    model, cfg = small(name)
+    model.set_legacy_token_layout(legacy)
+    path = save_model_checkpoint(model, tmp_path / "sub" / "ckpt.pth", epoch=7)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "cbsa" and raw["format_version"] == FORMAT_VERSION
+    assert raw["arch"] == name and raw["epoch"] == 7
+    assert raw["model_config"] == model.model_config
+    assert raw["model_config"]["legacy_token_layout"] is legacy
+    assert list(raw["state_dict"]) == list(model.state_dict())
+
+    loaded = create_model(name, pretrained=path, **cfg).eval()
+    assert all(a.legacy_token_layout is legacy for a in loaded.attention_layers if isinstance(a, CBSA))
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(img), model(img), rtol=0, atol=0)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_saving_a_wrapped_model_strips_the_wrapper(tmp_path):
+    model, cfg = small()
+    path = save_model_checkpoint(nn.DataParallel(model), tmp_path / "dp.pth")
+    assert not any(k.startswith("module.") for k in torch.load(path, weights_only=True)["state_dict"])
+    assert torch.equal(create_model("cbt_tiny", pretrained=path, **cfg).pos_embedding, model.pos_embedding)
+
+
+def test_alias_and_canonical_name_are_the_same_arch(tmp_path):
+    model, cfg = small("Ours_tiny")
+    path = save_model_checkpoint(model, tmp_path / "alias.pth")
+    loaded = create_model("cbt_tiny", pretrained=path, **cfg)
+    assert torch.equal(loaded.pos_embedding, model.pos_embedding)
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes
+# ------------------------------------------------------------------------------------------------
+def test_atomic_save_leaves_only_the_target_and_survives_a_failed_save(tmp_path):
+    path = tmp_path / "deep" / "ckpt.pth"
+    atomic_save({"w": torch.arange(5)}, path)
+    assert os.listdir(path.parent) == ["ckpt.pth"]
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        atomic_save({"w": torch.zeros(3), "bad": lambda: 0}, path)       # a lambda cannot be pickled
+    assert os.listdir(path.parent) == ["ckpt.pth"]                         # no temp file left behind
+    assert path.read_bytes() == before
+    assert torch.equal(read_checkpoint(path)["w"], torch.arange(5))
+    atomic_save({"w": torch.ones(2)}, path)                                # overwrite
+    assert torch.equal(read_checkpoint(path)["w"], torch.ones(2))
+    assert os.listdir(path.parent) == ["ckpt.pth"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Broken and unsafe files
+# ------------------------------------------------------------------------------------------------
+class NotAWeight:
+    """An arbitrary Python object: a weights_only load must refuse to unpickle it."""
+
+    def __init__(self):
+        self.payload = [1, 2, 3]
+
+
+def test_missing_truncated_garbage_and_unsafe_files_raise_naming_the_path(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(CheckpointError, match="not found.*nope.pth"):
+        read_checkpoint(missing)
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        create_model("cbt_tiny", depth=1, pretrained=missing)
+
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": {"w": torch.randn(100, 100)}}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(os.urandom(4096))
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"obj": NotAWeight()}, unsafe)
+    for bad in (truncated, garbage, unsafe):
+        with pytest.raises(CheckpointError, match=bad.name) as info:
+            read_checkpoint(bad)
+        assert str(bad) in str(info.value)
+        assert not isinstance(info.value, CheckpointMismatchError)
+
+    with pytest.raises(CheckpointError, match="directory"):
+        read_checkpoint(tmp_path)
+    a_tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), a_tensor)
+    with pytest.raises(CheckpointError, match="tensor.pth.*expected a dict"):
+        read_checkpoint(a_tensor)
+    odd = tmp_path / "odd.pth"
+    torch.save({"epoch": 3, "notes": "hello"}, odd)
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout.*epoch"):
+        load_checkpoint(create_model("cbt_tiny", depth=1), odd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mismatches
+# ------------------------------------------------------------------------------------------------
+def _snapshot(model):
+    return OrderedDict((k, v.clone()) for k, v in model.state_dict().items())
+
+
+def test_weights_of_another_arch_are_refused_with_the_mismatched_shapes(tmp_path):
+    other = ref.build("Ours_small", depth=1, image_size=64, patch_size=8)
+    torch.save({"state_dict": OrderedDict(("module." + k, v) for k, v in other.state_dict().items())},
+               tmp_path / "small.pth")
+    model, _ = small()
+    before = _snapshot(model)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(model, tmp_path / "small.pth")
+    msg = str(info.value)
+    assert "small.pth" in msg
+    assert "pos_embedding: checkpoint (1, 65, 384) vs model (1, 65, 192)" in msg
+    assert "transformer.layers.0.0.fn.proj.weight: checkpoint (384, 384) vs model (192, 192)" in msg
+    assert "transformer.layers.0.0.fn.step_x: checkpoint (6, 1, 1) vs model (3, 1, 1)" in msg
+    # nothing was changed by the refused load, not even the token layout
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), model.state_dict().values()))
+    assert not model.attention_layers[0].legacy_token_layout
+    # shape mismatches stay fatal with strict=False
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
+        load_checkpoint(model, tmp_path / "small.pth", strict=False)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    deeper = ref.build("Ours_tiny", depth=2, image_size=64, patch_size=8)
+    torch.save(deeper.state_dict(), tmp_path / "deep.pth")
+    model, _ = small()                                                     # depth 1
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(model, tmp_path / "deep.pth")
+    msg = str(info.value)
+    assert "unexpected key(s)" in msg and "transformer.layers.1.0.fn.step_rep" in msg
+    assert "transformer.layers.1.1.fn.weight" in msg
+
+    mssa_sd = ref.build("CRATE_tiny", depth=1, image_size=64, patch_size=8).state_dict()
+    torch.save(mssa_sd, tmp_path / "mssa.pth")
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(model, tmp_path / "mssa.pth")
+    msg = str(info.value)
+    assert "missing" in msg and "transformer.layers.0.0.fn.proj.weight" in msg
+    assert "unexpected" in msg and "transformer.layers.0.0.fn.qkv.weight" in msg
+
+
+def test_own_format_of_another_arch_is_refused_naming_both(tmp_path):
+    other, cfg = small("cbt_small")
+    path = save_model_checkpoint(other, tmp_path / "cbt_small.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"cbt_small.pth.*'cbt_small'.*'cbt_tiny'"):
+        create_model("cbt_tiny", pretrained=path, **cfg)
+    same_arch_other_shape, _ = small("cbt_tiny", depth=2)
+    path = save_model_checkpoint(same_arch_other_shape, tmp_path / "deep.pth")
+    with pytest.raises(CheckpointMismatchError, match="transformer.layers.1"):
+        create_model("cbt_tiny", pretrained=path, **cfg)
