@@ -1,0 +1,163 @@
+"""Segmenter's ViT encoder (official-code.md §4.1), built on timm's ``VisionTransformer``.
+
+Segmenter's own ViT and timm's share every parameter name (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``,
+``head``), so a timm model with Segmenter's settings loads the authors' ``encoder.*`` weights unchanged.
+Two settings differ from timm's defaults and are taken from Segmenter:
+
+* LayerNorm eps 1e-5 (``nn.LayerNorm`` default) instead of timm's 1e-6;
+* the position embedding is resized to other grids **bilinearly** (Segmenter's ``resize_pos_embed``),
+  not bicubically.
+
+Pretrained weights come from a local file only (nothing downloads): a timm/Google ``.npz`` (loaded with
+timm's ``_load_weights``, which resizes ``pos_embed`` bilinearly to the crop grid, as timm 0.4.12 did for
+Segmenter), or a ``.safetensors`` / ``.pth`` state dict (timm names, optionally under ``encoder.`` or
+``module.``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Dict, Mapping, Tuple
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer, _load_weights
+
+from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint, strip_prefix
+from cbsa_core.layers import resample_pos_embed
+
+__all__ = ["BACKBONES", "SegmenterViT", "create_encoder", "load_pretrained_encoder"]
+
+_LOG = logging.getLogger(__name__)
+
+# The backbone table of the release's config.yml (official-code.md §4.4). ``normalization`` picks the
+# input statistics of the data pipeline (transforms.NORMALIZATION).
+BACKBONES: Dict[str, Dict[str, object]] = {
+    "vit_tiny_patch16_384": dict(d_model=192, n_heads=3, n_layers=12, patch_size=16, normalization="vit"),
+    "vit_small_patch16_384": dict(d_model=384, n_heads=6, n_layers=12, patch_size=16, normalization="vit"),
+    "vit_base_patch16_384": dict(d_model=768, n_heads=12, n_layers=12, patch_size=16, normalization="vit"),
+    "vit_large_patch16_384": dict(d_model=1024, n_heads=16, n_layers=24, patch_size=16, normalization="vit"),
+    "vit_base_patch8_384": dict(d_model=768, n_heads=12, n_layers=12, patch_size=8, normalization="vit"),
+    "deit_tiny_patch16_224": dict(d_model=192, n_heads=3, n_layers=12, patch_size=16, normalization="deit"),
+    "deit_small_patch16_224": dict(d_model=384, n_heads=6, n_layers=12, patch_size=16, normalization="deit"),
+    "deit_base_patch16_224": dict(d_model=768, n_heads=12, n_layers=12, patch_size=16, normalization="deit"),
+}
+
+
+class SegmenterViT(VisionTransformer):
+    """timm ViT with Segmenter's forward: ``forward(im (B, 3, H, W)) -> (B, 1 + h·w, D)`` after the final LN.
+
+    H and W must be multiples of the patch size (``Segmenter`` pads); the position embedding, stored for
+    the crop grid, is resized bilinearly to any other (h, w).
+    """
+
+    def __init__(self, *, image_size: Tuple[int, int], patch_size: int, d_model: int, n_layers: int, n_heads: int,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, drop_path_rate: float = 0.0,
+                 num_classes: int = 1000) -> None:
+        super().__init__(
+            img_size=tuple(image_size), patch_size=patch_size, num_classes=num_classes, embed_dim=d_model,
+            depth=n_layers, num_heads=n_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_rate=dropout,
+            pos_drop_rate=dropout, drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-5),
+        )
+        self.d_model = d_model
+        self.patch_size = patch_size
+        self.n_layers = n_layers
+        self.distilled = 0  # Segmenter's flag; the deit "distilled" backbones are not supported
+
+    @property
+    def crop_grid(self) -> Tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    def forward(self, im: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        b, _, h, w = im.shape
+        ps = self.patch_size
+        if h % ps or w % ps:
+            raise ValueError(f"SegmenterViT: input {h}x{w} is not a multiple of the patch size {ps}; pad it first")
+        x = self.patch_embed.proj(im).flatten(2).transpose(1, 2)  # (B, h·w, D)
+        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        pos = resample_pos_embed(self.pos_embed, (h // ps, w // ps), self.crop_grid, num_prefix_tokens=1,
+                                 mode="bilinear")
+        x = self.pos_drop(x + pos.to(x.dtype))
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+
+def create_encoder(backbone: str, image_size: Tuple[int, int], *, drop_path_rate: float = 0.0,
+                   dropout: float = 0.0, **overrides) -> SegmenterViT:
+    """Build a named backbone for a crop size; ``overrides`` (d_model, n_heads, n_layers, patch_size) give
+    any other width/depth (e.g. tiny test encoders)."""
+    if backbone not in BACKBONES and not {"d_model", "n_heads", "n_layers"} <= set(overrides):
+        raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)} "
+                         "(or pass d_model, n_heads and n_layers)")
+    cfg = dict(BACKBONES.get(backbone, dict(patch_size=16)))
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return SegmenterViT(image_size=tuple(image_size), patch_size=int(cfg["patch_size"]),
+                        d_model=int(cfg["d_model"]), n_layers=int(cfg["n_layers"]), n_heads=int(cfg["n_heads"]),
+                        dropout=dropout, drop_path_rate=drop_path_rate)
+
+
+def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    ckpt = read_checkpoint(path)
+    for key in ("model", "state_dict"):
+        if key in ckpt and isinstance(ckpt[key], Mapping):
+            ckpt = dict(ckpt[key])
+            break
+    return dict(ckpt)
+
+
+@torch.no_grad()
+def load_pretrained_encoder(encoder: SegmenterViT, path: str | os.PathLike) -> None:
+    """Load ImageNet weights from a local file into ``encoder`` and resize ``pos_embed`` to its crop grid.
+
+    ``.npz``: timm's JAX-checkpoint loader. ``.safetensors``/``.pth``/``.pt``/``.bin``: a timm-named state dict
+    (a Segmenter checkpoint's ``encoder.*`` part also works). A head whose class count differs is skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained encoder file not found: {path} (nothing is downloaded; pass a local "
+                                ".npz, .safetensors or .pth file with --pretrained-file)")
+    if path.suffix == ".npz":
+        try:
+            _load_weights(encoder, str(path))
+        except KeyError as e:
+            raise CheckpointError(f"{path} is not a timm/Google ViT .npz checkpoint (missing entry {e})") from e
+        _LOG.info("loaded pretrained encoder from %s", path)
+        return
+    sd = _read_state_dict(path)
+    if any(k.startswith("encoder.") for k in sd):
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    sd = dict(strip_prefix(sd))
+    if "pos_embed" in sd and sd["pos_embed"].shape != encoder.pos_embed.shape:
+        n_old = sd["pos_embed"].shape[1] - 1
+        side = int(round(n_old ** 0.5))
+        if side * side != n_old:
+            raise CheckpointMismatchError(f"{path}: pos_embed of {n_old} grid tokens is not a square grid")
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], encoder.crop_grid, (side, side), num_prefix_tokens=1,
+                                             mode="bilinear")
+    expected = encoder.state_dict()
+    for k in ("head.weight", "head.bias"):
+        if k in sd and k in expected and sd[k].shape != expected[k].shape:
+            del sd[k]
+    missing = [k for k in expected if k not in sd and not k.startswith("head.")]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(
+            f"pretrained encoder file {path} does not fit the encoder (d_model={encoder.d_model}, "
+            f"n_layers={encoder.n_layers}): missing {missing[:8]}, unexpected {unexpected[:8]}, shapes {shapes[:8]}")
+    encoder.load_state_dict(sd, strict=False)
+    _LOG.info("loaded pretrained encoder from %s", path)
+

@@ -1,0 +1,299 @@
+"""Train a Segmenter ViT + CBT decoder (the release's ``segm.train``, official-code.md §1.3).
+
+Run inside ``semantic_segmentation/`` or as a module, on one process or under torchrun::
+
+    DATASET=/data python main.py --log-dir log/CBT-Small --dataset ade20k --backbone vit_small_patch16_384 \\
+        --decoder mask_transformer --pretrained-file vit_small_patch16_384.augreg.npz
+    torchrun --nproc_per_node=8 -m semantic_segmentation.main --config configs/segmentation/cbt_s.yaml \\
+        --log-dir log/CBT-Small --data-root /data --pretrained-file vit_small_patch16_384.augreg.npz
+
+Recipe (config.yml / §1.3.4): SGD lr 1e-3, momentum 0.9 (Nesterov, as timm's 'sgd'), weight decay 0, polynomial
+decay (power 0.9) to 1e-5 stepped every iteration, 64 epochs, global batch 8, drop-path 0.1, cross-entropy
+ignoring 255, evaluation every 2 epochs with 512 windows and stride 512.
+
+``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume`` continues from it exactly),
+``variant.yml`` (the run's settings), ``log.txt`` (one JSON line per epoch) and TensorBoard event files.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+if __package__ in (None, ""):
+    # Run as a script from inside the folder: import the package from the repository root, and keep the
+    # folder's own module names (data, model, ...) from shadowing anything.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils.data import DataLoader
+
+from cbsa_core.checkpoint import CheckpointError
+from cbsa_core.engine import (JsonlLogger, PolynomialLambda, TensorBoardLogger, build_lambda_scheduler,
+                              build_optimizer, cleanup_distributed, epoch_seed, init_distributed,
+                              load_training_checkpoint, make_grad_scaler, make_train_sampler,
+                              save_training_checkpoint, seed_everything, setup_logging, train_one_epoch, unwrap_model,
+                              wrap_ddp)
+from semantic_segmentation.data import DATASET_DEFAULTS, DatasetError, build_dataset, resolve_data_root
+from semantic_segmentation.encoder import BACKBONES
+from semantic_segmentation.inference import evaluate_miou
+from semantic_segmentation.model import ARCH, create_segmenter, default_model_config
+from semantic_segmentation.transforms import IGNORE_INDEX
+
+_LOG = logging.getLogger("semantic_segmentation.main")
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train Segmenter + CBT decoder (semantic segmentation)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file of defaults (keys = option names with underscores); "
+                   "command-line options override it")
+    p.add_argument("--log-dir", default=None, help="run folder: checkpoint.pth, variant.yml, log.txt, TensorBoard")
+    p.add_argument("--dataset", default="ade20k", choices=sorted(DATASET_DEFAULTS))
+    p.add_argument("--data-root", default=None, help="dataset root (default: $DATASET)")
+    p.add_argument("--n-cls", type=int, default=None, help="number of classes (default: the dataset's; "
+                   "required for --dataset folder)")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=False,
+                   help="--dataset folder only: map label 0 to ignore and k to k-1 (ADE20K always does)")
+    p.add_argument("--backbone", default=None, help=f"encoder: {', '.join(BACKBONES)}")
+    p.add_argument("--decoder", default="mask_transformer", choices=["mask_transformer"])
+    p.add_argument("--im-size", type=int, default=None, help="short side of the base scale (dataset default 512)")
+    p.add_argument("--crop-size", type=int, default=None, help="training crop (dataset default 512)")
+    p.add_argument("--window-size", type=int, default=None, help="validation window (default: crop size)")
+    p.add_argument("--window-stride", type=int, default=None, help="validation stride (dataset default 512)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over ranks (default 8)")
+    p.add_argument("--epochs", type=int, default=None, help="default 64")
+    p.add_argument("-lr", "--learning-rate", type=float, default=None, help="default 1e-3")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--poly-power", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "lion"])
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--scheduler", default="polynomial", choices=["polynomial"])
+    p.add_argument("--dropout", type=float, default=0.0, help="encoder dropout")
+    p.add_argument("--drop-path", type=float, default=0.1, help="encoder stochastic depth")
+    p.add_argument("--eval-freq", type=int, default=None, help="evaluate every N epochs and at the end (default 2)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from LOG_DIR/checkpoint.pth when it exists")
+    p.add_argument("--pretrained-file", default=None,
+                   help="local ImageNet weights of the backbone (.npz, .safetensors or .pth); nothing downloads")
+    p.add_argument("--from-scratch", action="store_true", help="train without pretrained encoder weights")
+    # Decoder (release: 3 layers, 3 heads x 100, 10x10 representatives) and its CBT-dagger variant.
+    p.add_argument("--dec-layers", type=int, default=None)
+    p.add_argument("--dec-heads", type=int, default=None)
+    p.add_argument("--dec-dim-head", type=int, default=None)
+    p.add_argument("--rep-grid", type=int, nargs=2, default=None, metavar=("RH", "RW"))
+    p.add_argument("--tied-output", action=argparse.BooleanOptionalAction, default=None,
+                   help="CBT-dagger decoder: project back with the basis")
+    # Encoder shape overrides (small test models; the named backbones set these).
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--enc-heads", type=int, default=None)
+    p.add_argument("--enc-layers", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--normalization", default=None, choices=["vit", "deit"], help="default: the backbone's")
+    # Run control.
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="debug: cut every epoch short")
+    p.add_argument("--eval-max-images", type=int, default=None, help="debug: evaluate a prefix of the val set")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="leave after this many epochs of this invocation (time-limited jobs; --resume continues)")
+    p.add_argument("--window-batch-size", type=int, default=4)
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line, with ``--config`` YAML values as defaults (unknown keys are refused)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            parser.error(f"config file not found: {path}")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            parser.error(f"config file {path} must hold a mapping of option names to values")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"config file {path} has unknown keys: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    if not args.log_dir:
+        parser.error("--log-dir is required")
+    return args
+
+
+def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Dataset defaults (config.yml) filled in for the options left unset."""
+    d = dict(DATASET_DEFAULTS[args.dataset])
+    s = dict(
+        epochs=args.epochs or d["epochs"], eval_freq=args.eval_freq or d["eval_freq"],
+        batch_size=args.batch_size or d["batch_size"], learning_rate=args.learning_rate or d["learning_rate"],
+        im_size=args.im_size or d["im_size"], crop_size=args.crop_size or d["crop_size"],
+        window_stride=args.window_stride or d["window_stride"], n_cls=args.n_cls or d["n_cls"],
+    )
+    s["window_size"] = args.window_size or s["crop_size"]
+    if not s["n_cls"]:
+        raise SystemExit(f"error: --dataset {args.dataset} needs --n-cls")
+    return s
+
+
+def model_config_from_args(args: argparse.Namespace, settings: Dict[str, Any]) -> Dict[str, Any]:
+    if not args.backbone:
+        raise SystemExit(f"error: --backbone is required; valid: {', '.join(BACKBONES)}")
+    decoder = dict(n_layers=args.dec_layers, n_heads=args.dec_heads, dim_head=args.dec_dim_head,
+                   rep_grid=args.rep_grid, tied_output=args.tied_output)
+    return default_model_config(args.backbone, n_cls=settings["n_cls"], crop_size=settings["crop_size"],
+                                drop_path_rate=args.drop_path, dropout=args.dropout, decoder=decoder,
+                                d_model=args.d_model, n_heads=args.enc_heads, n_layers=args.enc_layers,
+                                patch_size=args.patch_size, normalization=args.normalization)
+
+
+def _precision(args: argparse.Namespace, device: torch.device) -> str:
+    if not args.amp:
+        return "fp32"
+    return "fp16" if device.type == "cuda" else "bf16"
+
+
+def _write_yaml(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run training as configured by ``args``; returns the last epoch's log record."""
+    settings = resolve_settings(args)
+    data_root = resolve_data_root(args.data_root)  # fails first, with a clear message, when unset or missing
+    model_config = model_config_from_args(args, settings)
+    common = dict(n_cls=settings["n_cls"], im_size=settings["im_size"], normalization=model_config["normalization"],
+                  reduce_zero_label=args.reduce_zero_label)
+    train_set = build_dataset(args.dataset, data_root, "train", mode="train", crop_size=settings["crop_size"],
+                              seed=args.seed, **common)
+    val_set = build_dataset(args.dataset, data_root, "val", mode="eval", **common)
+    log_dir = Path(args.log_dir)
+    ckpt_path = log_dir / CHECKPOINT_NAME
+    resuming = bool(args.resume) and ckpt_path.is_file()
+    if not resuming and not args.pretrained_file and not args.from_scratch:
+        raise SystemExit("error: pass --pretrained-file (a local ImageNet checkpoint of the backbone: timm .npz, "
+                         ".safetensors or .pth; nothing downloads) or --from-scratch")
+
+    dist_info = init_distributed(args.device)
+    setup_logging(dist_info.rank)
+    device = dist_info.device
+    precision = _precision(args, device)
+    if settings["batch_size"] % dist_info.world_size:
+        raise SystemExit(f"error: --batch-size {settings['batch_size']} does not divide over "
+                         f"{dist_info.world_size} processes")
+    per_rank_batch = settings["batch_size"] // dist_info.world_size
+
+    seed_everything(args.seed, dist_info.rank)
+    model = create_segmenter(model_config, pretrained_file=None if resuming or args.from_scratch
+                             else args.pretrained_file)
+    model = wrap_ddp(model, dist_info, sync_bn=False, find_unused_parameters=True)  # encoder.head is unused
+    net = unwrap_model(model)
+    optimizer = build_optimizer(args.optimizer, model, settings["learning_rate"], args.weight_decay,
+                                momentum=args.momentum, nesterov=True)
+    sampler = make_train_sampler(train_set, dist_info, args.seed, 0)
+    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, shuffle=False,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=False)
+    steps_per_epoch = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
+    max_iters = steps_per_epoch * settings["epochs"]
+    scheduler = build_lambda_scheduler(optimizer, PolynomialLambda(settings["learning_rate"], max_iters,
+                                                                   args.poly_power, args.min_lr))
+    scaler = make_grad_scaler(device, precision)
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+    start_epoch, best = 0, None
+    if resuming:
+        ckpt = load_training_checkpoint(ckpt_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
+        _LOG.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+
+    variant = dict(net_kwargs=model_config, dataset=args.dataset, settings=settings, precision=precision,
+                   inference_kwargs=dict(im_size=settings["im_size"], window_size=settings["window_size"],
+                                         window_stride=settings["window_stride"]),
+                   world_size=dist_info.world_size, args={k: (list(v) if isinstance(v, tuple) else v)
+                                                          for k, v in vars(args).items()})
+    tb = TensorBoardLogger(log_dir, enabled=args.tensorboard and dist_info.is_main)
+    jsonl = JsonlLogger(log_dir / "log.txt", enabled=dist_info.is_main)
+    if dist_info.is_main:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        _write_yaml(log_dir / "variant.yml", variant)
+        n_params = sum(p.numel() for p in net.parameters())
+        n_dec = sum(p.numel() for p in net.decoder.parameters())
+        _LOG.info("model: %s encoder + CBT decoder, %.2fM parameters (decoder %.3fM); %d train / %d val images; "
+                  "%d steps/epoch, %d epochs, precision %s", model_config["backbone"], n_params / 1e6, n_dec / 1e6,
+                  len(train_set), len(val_set), steps_per_epoch, settings["epochs"], precision)
+
+    record: Dict[str, Any] = {}
+    try:
+        last_epoch = settings["epochs"] if args.stop_after is None else min(settings["epochs"],
+                                                                           start_epoch + args.stop_after)
+        for epoch in range(start_epoch, last_epoch):
+            # Augmentations depend on (seed, epoch, index) and the sampler on (seed, epoch); re-seeding the global
+            # RNG (drop-path, loader workers) per epoch makes a resumed run continue exactly.
+            seed_everything(epoch_seed(args.seed, epoch, dist_info.rank))
+            train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(model, loader, criterion, optimizer, epoch=epoch, device=device, scaler=scaler,
+                                    precision=precision, scheduler_per_iter=scheduler, print_freq=args.print_freq,
+                                    log_fn=lambda v, step: tb.scalars(v, step, prefix="train/"),
+                                    dist_info=dist_info, max_steps=args.max_steps_per_epoch,
+                                    compute_accuracy=False, epochs=settings["epochs"], checkpoint_path=ckpt_path)
+            record = dict(epoch=epoch, num_updates=(epoch + 1) * steps_per_epoch, train_loss=stats["loss"],
+                          train_learning_rate=stats["lr"])
+            if epoch % settings["eval_freq"] == 0 or epoch == settings["epochs"] - 1:
+                scores = evaluate_miou(net, val_set, window_size=settings["window_size"],
+                                       window_stride=settings["window_stride"],
+                                       window_batch_size=args.window_batch_size, max_images=args.eval_max_images,
+                                       num_workers=min(args.num_workers, 2))
+                record.update(val_pixel_accuracy=scores["pixel_accuracy"], val_mean_accuracy=scores["mean_accuracy"],
+                              val_mean_iou=scores["mean_iou"])
+                if best is None or (math.isfinite(scores["mean_iou"]) and scores["mean_iou"] > best):
+                    best = scores["mean_iou"]
+            if dist_info.is_main:
+                save_training_checkpoint(ckpt_path, model=net, arch=ARCH, model_config=model_config,
+                                         optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
+                                         best_metric=best, config=vars(args), variant=variant,
+                                         n_cls=settings["n_cls"])
+                jsonl.log(record)
+                tb.scalars({k: v for k, v in record.items() if k.startswith("val_")}, epoch, prefix="val/")
+                tb.scalar("train/epoch_loss", stats["loss"], epoch)
+                tb.flush()
+                _LOG.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
+                                                  for k, v in record.items()})
+    finally:
+        tb.close()
+        cleanup_distributed()
+    return record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (DatasetError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
