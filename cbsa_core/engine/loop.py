@@ -119,7 +119,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[tor
 
         # One scalar all-reduce per step: a NaN on any rank stops every rank at the same step (a lone raising
         # rank would leave the others hanging in the backward all-reduce).
-        check = loss.detach().float().reshape(1)
+        # clone: .float() of an fp32 loss is the same storage, and the all-reduce below works in place.
+        check = loss.detach().float().reshape(1).clone()
         if distributed:
             check = all_reduce_sum(check.to(collective_device()))
         if not bool(torch.isfinite(check).all()):

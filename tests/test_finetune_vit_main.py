@@ -1,0 +1,239 @@
+"""End-to-end fine-tuning with finetune_vit.main on a generated ImageFolder, and its refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint
+from finetune_vit.main import main, parse_args
+
+REPO = Path(__file__).resolve().parent.parent
+ARCH = "vit_tiny_patch16_224"
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: intra-op threads only add contention (10x slower on a busy 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_imagefolder(root: Path, per_class=(16, 6), size=40) -> Path:
+    """Three classes of noisy solid colours, 40x40 PNGs, in root/{train,val}/<class>/."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c, colour in enumerate(COLOURS):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + rng.normal(0, 60, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("vit_data"))
+
+
+@pytest.fixture(scope="module")
+def init_file(tmp_path_factory) -> Path:
+    """A randomly initialised tiny ViT saved as a timm state dict: the "pretrained" weights of the tests."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vit_init") / "vit_tiny_random.pth"
+    torch.save(timm.create_model(ARCH, num_classes=3, **TINY).state_dict(), path)
+    return path
+
+
+def argv(data, out, *extra):
+    return ["--data", str(data), "--arch", ARCH, "--model-kwargs", json.dumps(TINY), "--rep-grid", "2", "2",
+            "--batch-size", "16", "--workers", "0", "--lr", "1e-3", "--warmup-epochs", "1", "--print-freq", "100",
+            "--output-dir", str(out), "--no-tensorboard", *extra]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("attention", ["cbsa_vee", "cbsa_star", "linear"])
+def test_finetuning_runs_and_loss_falls(data, init_file, tmp_path, attention):
+    out = tmp_path / "run"
+    result = main(argv(data, out, "--attention", attention, "--pretrained-file", str(init_file), "--epochs", "4"))
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    train_losses = [r["train"]["loss"] for r in log]
+    val_losses = [r["val"]["loss"] for r in log]
+    assert train_losses[-1] < 0.8 * train_losses[0], train_losses
+    assert val_losses[-1] < val_losses[0], val_losses
+    assert result["val"]["num_images"] == 18
+    assert result["best_top1"] == max(r["val"]["top1"] for r in log)
+    # Warm-up 1 epoch then cosine over 4: lr_e = 1e-3 * min(e + 1, (1 + cos(pi e / 4)) / 2).
+    expected = [1e-3 * min(e + 1, 0.5 * (1 + np.cos(np.pi * e / 4))) for e in range(4)]
+    np.testing.assert_allclose([r["lr"] for r in log], expected, rtol=1e-12)
+    ckpt = read_checkpoint(out / "checkpoint.pth.tar")  # weights_only load
+    assert ckpt["epoch"] == 4 and ckpt["arch"] == ARCH
+    assert ckpt["model_config"]["attention"] == attention
+    ref_keys = set(timm.create_model(ARCH, num_classes=3, **TINY).state_dict())
+    assert set(ckpt["state_dict"]) == ref_keys  # a plain timm key set: no parameter was added
+    assert (out / "model_best.pth.tar").is_file()
+
+
+def test_interrupted_run_resumes_exactly_and_evaluate_reproduces(data, init_file, tmp_path, capsys, monkeypatch):
+    import finetune_vit.main as entry
+
+    common = ["--pretrained-file", str(init_file), "--epochs", "3", "--attention", "cbsa_star"]
+    full = tmp_path / "full"
+    main(argv(data, full, *common))
+
+    # Interrupt the same run during epoch 2 (after the epoch-1 checkpoint was written), then resume it.
+    out = tmp_path / "run"
+    real_eval, calls = entry.evaluate_classifier, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(entry, "evaluate_classifier", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv(data, out, *common))
+    monkeypatch.setattr(entry, "evaluate_classifier", real_eval)
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+    result = main(argv(data, out, *common, "--resume", str(out / "checkpoint.pth.tar")))
+    assert result["epochs_run"] == 1
+    log, ref = read_log(out), read_log(full)
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    for mine, theirs in zip(log, ref):  # same data order, augmentation, LR and optimizer state
+        assert mine["train"]["loss"] == pytest.approx(theirs["train"]["loss"], rel=1e-6, abs=0)
+        assert mine["val"]["loss"] == pytest.approx(theirs["val"]["loss"], rel=1e-6, abs=0)
+        assert mine["lr"] == theirs["lr"]
+
+    capsys.readouterr()
+    ev = main(argv(data, tmp_path / "eval", "--attention", "cbsa_star", "--evaluate", "--resume",
+                   str(out / "checkpoint.pth.tar")))
+    assert ev["val"]["top1"] == pytest.approx(log[-1]["val"]["top1"])
+    assert ev["val"]["loss"] == pytest.approx(log[-1]["val"]["loss"], rel=1e-6)
+    assert " * Acc@1" in capsys.readouterr().out
+    assert not (tmp_path / "eval").exists()  # evaluation writes nothing
+
+
+def test_resume_with_other_attention_is_refused(data, init_file, tmp_path):
+    out = tmp_path / "run"
+    main(argv(data, out, "--pretrained-file", str(init_file), "--epochs", "1"))
+    with pytest.raises(CheckpointError, match="trained with attention='cbsa_vee', but this run uses "
+                                              "attention='linear'"):
+        main(argv(data, out, "--attention", "linear", "--evaluate", "--resume", str(out / "checkpoint.pth.tar")))
+
+
+def test_config_file_sets_defaults_and_flags_override(data, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("arch: vit_base_patch16_384\nattention: linear\nbatch-size: 64\nweight_decay: 0.05\n"
+                   "model_kwargs: {depth: 1}\n")
+    args = parse_args(["--config", str(cfg), "--data", str(data), "--batch-size", "8"])
+    assert (args.arch, args.attention, args.batch_size, args.weight_decay) == ("vit_base_patch16_384", "linear", 8,
+                                                                               0.05)
+    assert args.model_kwargs == {"depth": 1}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attention: softmax\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(bad), "--data", str(data)])
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=f"config file {bad}: unknown option 'learning_rat'"):
+        parse_args(["--config", str(bad), "--data", str(data)])
+
+
+def test_shipped_configs_parse(data):
+    configs = sorted((REPO / "configs" / "finetune_vit").glob("*.yaml"))
+    assert len(configs) >= 8
+    for cfg in configs:
+        args = parse_args(["--config", str(cfg), "--data", str(data)])
+        assert args.arch in cfg.stem or args.arch.replace("_patch16", "") in cfg.stem
+
+
+@pytest.mark.parametrize("flag,value,valid", [
+    ("--arch", "vit_huge_patch14_224", ("vit_tiny_patch16_224", "vit_small_patch16_384", "vit_large_patch16_384")),
+    ("--attention", "softmax", ("cbsa_vee", "cbsa_star", "linear", "mhsa")),
+    ("--norm", "zscore", ("imagenet", "inception")),
+])
+def test_unknown_choices_are_refused_listing_valid_ones(data, tmp_path, capsys, flag, value, valid):
+    with pytest.raises(SystemExit) as exc:
+        main(argv(data, tmp_path, flag, value))
+    assert exc.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{flag}: invalid choice: '{value}'" in line
+    assert all(name in line for name in valid)
+
+
+def test_image_size_not_divisible_by_patch_is_refused(data, tmp_path):
+    args = argv(data, tmp_path / "run")
+    args[args.index("--model-kwargs") + 1] = json.dumps(dict(TINY, img_size=36))
+    with pytest.raises(ValueError, match="image size 36x36 is not divisible by the patch size 8x8"):
+        main(args)
+
+
+def test_weights_of_another_architecture_are_refused(data, tmp_path):
+    wide = tmp_path / "wide.pth"
+    torch.save(timm.create_model(ARCH, num_classes=3, **dict(TINY, embed_dim=96, num_heads=3)).state_dict(), wide)
+    with pytest.raises(CheckpointMismatchError, match=f"pretrained weights file {wide} does not match model "
+                                                      f"'{ARCH}'"):
+        main(argv(data, tmp_path / "run", "--pretrained-file", str(wide)))
+    with pytest.raises(CheckpointError, match="pretrained weights file not found: .*missing.npz"):
+        main(argv(data, tmp_path / "run", "--pretrained-file", str(tmp_path / "missing.npz")))
+
+
+@pytest.mark.parametrize("where", ["inside_folder", "module"])
+def test_command_line_entry_points(data, tmp_path, where):
+    """Both launches work, and a user error exits with status 2 and one line naming the problem."""
+    if where == "inside_folder":
+        cmd, cwd = [sys.executable, "main.py"], REPO / "finetune_vit"
+    else:
+        cmd, cwd = [sys.executable, "-m", "finetune_vit.main"], tmp_path
+    missing = tmp_path / "nowhere"
+    proc = subprocess.run(cmd + ["--data", str(missing), "--arch", ARCH], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: dataset root not found (or not a directory): {missing}" in proc.stderr
+
+
+@pytest.mark.parametrize("size,resize", [(224, 256), (384, 438)])
+def test_transforms_follow_the_arch_size(size, resize):
+    from torchvision import transforms as T
+
+    from finetune_vit.main import _transforms
+
+    train_tf, eval_tf = _transforms((size, size), "imagenet")
+    crop = next(t for t in train_tf.transforms if isinstance(t, T.RandomResizedCrop))
+    assert tuple(crop.size) == (size, size)
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in train_tf.transforms)
+    resize_t = next(t for t in eval_tf.transforms if isinstance(t, T.Resize))
+    center = next(t for t in eval_tf.transforms if isinstance(t, T.CenterCrop))
+    assert resize_t.size == resize and tuple(center.size) == (size, size)
+    norm = next(t for t in eval_tf.transforms if isinstance(t, T.Normalize))
+    assert list(norm.mean) == [0.485, 0.456, 0.406] and list(norm.std) == [0.229, 0.224, 0.225]
+    _, inception = _transforms((size, size), "inception")
+    norm = next(t for t in inception.transforms if isinstance(t, T.Normalize))
+    assert list(norm.mean) == [0.5] * 3 and list(norm.std) == [0.5] * 3
+    img = Image.fromarray(np.zeros((300, 500, 3), dtype=np.uint8))
+    assert train_tf(img).shape == eval_tf(img).shape == (3, size, size)
+
+
+def test_seed_command_parses_to_the_release_recipe(data):
+    args = parse_args(["--data", str(data), "--arch", "vit_small_patch16_224", "--batch-size", "512", "--epochs", "50",
+                       "--optimizer", "AdamW", "--lr", "5e-5", "--weight-decay", "0.01", "--print-freq", "50"])
+    assert (args.arch, args.batch_size, args.epochs, args.optimizer, args.lr, args.weight_decay, args.print_freq) == (
+        "vit_small_patch16_224", 512, 50, "adamw", 5e-5, 0.01, 50)
+    assert (args.attention, args.warmup_epochs, args.label_smooth, args.norm) == ("cbsa_vee", 10, 0.1, "imagenet")
+    assert args.pretrained_file is None and args.rep_grid == [8, 8] and not args.legacy_token_layout
