@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import tempfile
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -71,6 +69,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the permissions an ordinary open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -92,7 +94,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch raises many types for damaged files (KeyError for text, BadZipFile, ...)
         size = path.stat().st_size
         raise CheckpointError(
             f"cannot read checkpoint {path} ({size} bytes): the file is truncated, corrupt, or not a "
@@ -152,8 +154,11 @@ def make_checkpoint(model_state: Mapping[str, torch.Tensor], *, arch: str, model
     return ckpt
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / DataParallel (what is saved and evaluated)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def save_model_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> Path:
@@ -161,7 +166,7 @@ def save_model_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: An
 
     The model must expose ``arch`` and ``model_config`` (all registry models do).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     arch = getattr(model, "arch", None) or type(model).__name__
     config = getattr(model, "model_config", {})
     return atomic_save(make_checkpoint(model.state_dict(), arch=arch, model_config=config, **extra), path)
@@ -173,7 +178,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
 
     With ``strict=False`` only shape mismatches are fatal (a partial load is then explicit, never silent).
     """
-    expected = _unwrap(model).state_dict()
+    expected = unwrap_model(model).state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [
@@ -189,36 +194,69 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s) in the {source}:\n    " + "\n    ".join(unexpected[:40]))
     if problems:
-        arch = getattr(_unwrap(model), "arch", type(_unwrap(model)).__name__)
+        arch = getattr(unwrap_model(model), "arch", type(unwrap_model(model)).__name__)
         raise CheckpointMismatchError(
             f"{source} does not match model '{arch}':\n  " + "\n  ".join(problems)
             + "\n  (is it a checkpoint of another arch, or built with other overrides?)"
         )
 
 
+# model_config entries that change what a model computes without changing its parameter shapes.
+_BEHAVIOUR_KEYS = ("attn", "rep_grid", "dim_head", "patch_size", "in_chans")
+
+
+def _check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module) -> None:
+    """Refuse a checkpoint saved from another registered arch (aliases are the same arch), or, for this
+    project's files, built with another behaviour-changing config or a newer format."""
+    from .registry import ALIASES, MODEL_CONFIGS  # lazy: the registry imports this module
+
+    def canonical(name):
+        return ALIASES.get(name, name)
+
+    if kind == "cbsa" and int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format_version {ckpt['format_version']}, newer than this "
+                              f"library's {FORMAT_VERSION}; upgrade cbsa_core to read it")
+    model_arch, saved_arch = getattr(target, "arch", None), ckpt.get("arch")
+    # Only registered names are compared: a CBT built by hand (arch "CBT") is checked by shapes and config.
+    if kind in ("cbsa", "authors_classification") and isinstance(saved_arch, str) \
+            and canonical(model_arch) in MODEL_CONFIGS and canonical(saved_arch) != canonical(model_arch):
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was saved from arch '{saved_arch}', but the model is '{model_arch}'")
+    if kind == "cbsa":
+        saved_cfg, model_cfg = ckpt.get("model_config", {}), getattr(target, "model_config", {})
+        diffs = [f"{k}: checkpoint {saved_cfg[k]!r} vs model {model_cfg[k]!r}" for k in _BEHAVIOUR_KEYS
+                 if k in saved_cfg and k in model_cfg and _normalise(saved_cfg[k]) != _normalise(model_cfg[k])]
+        if diffs:
+            raise CheckpointMismatchError(f"checkpoint {path} was built with another model config:\n    "
+                                          + "\n    ".join(diffs))
+
+
+def _normalise(value: Any) -> Any:
+    return tuple(_normalise(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict:
     """Load the weights of ``path`` into ``model`` and return the whole checkpoint dict.
 
-    * This project's files: the recorded ``arch`` must match the model's.
-    * Authors' files (or bare state dicts): ``module.`` is stripped and, where the model supports it,
-      the legacy token layout of the release (official-code.md §2.1 step 4) is switched on, with a log line.
+    * This project's files: the recorded ``arch`` and behaviour-changing config (attention type,
+      representative grid, head width, patch size, input channels) must match the model's.
+    * Authors' files (or bare state dicts): the recorded ``arch`` (if any) must match, ``module.`` is
+      stripped and, where the model supports it, the legacy token layout of the release
+      (official-code.md §2.1 step 4) is switched on, with a log line.
     * Any missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError` listing them.
     """
     ckpt = read_checkpoint(path)
     kind = checkpoint_kind(ckpt)
-    target = _unwrap(model)
-    if kind == "cbsa":
-        from .registry import ALIASES  # lazy: the registry imports this module
-
-        model_arch = getattr(target, "arch", None)
-        saved_arch = ckpt.get("arch")
-        if model_arch is not None and saved_arch is not None and \
-                ALIASES.get(saved_arch, saved_arch) != ALIASES.get(model_arch, model_arch):
-            raise CheckpointMismatchError(
-                f"checkpoint {path} was saved from arch '{ckpt.get('arch')}', but the model is '{model_arch}'"
-            )
+    target = unwrap_model(model)
+    _check_arch(path, ckpt, kind, target)
     state_dict = extract_state_dict(ckpt)
     check_state_dict(target, state_dict, strict=strict, source=f"checkpoint {path}")
+    if not strict:
+        expected = target.state_dict()
+        skipped = [k for k in expected if k not in state_dict] + [k for k in state_dict if k not in expected]
+        if skipped:
+            _LOG.warning("partial load of %s: %d key(s) missing or unexpected: %s", path, len(skipped),
+                         ", ".join(skipped[:10]))
     legacy = kind != "cbsa"
     if hasattr(target, "set_legacy_token_layout"):
         if legacy:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from ..checkpoint import unwrap_model
 from torch.utils.data import Sampler
 
 __all__ = [
@@ -110,7 +112,8 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
             if dev.index is not None and dev.index != local_rank:
                 _LOG.warning("ignoring device index %s under DDP: rank %d uses cuda:%d (LOCAL_RANK)",
                              dev.index, rank, local_rank)
-            dev = torch.device("cuda", local_rank)
+            # A launcher that binds one GPU per process (SLURM --gpus-per-task=1) leaves one visible device.
+            dev = torch.device("cuda", local_rank if torch.cuda.device_count() > 1 else 0)
         if dev.index >= torch.cuda.device_count():
             raise RuntimeError(
                 f"cuda:{dev.index} requested (LOCAL_RANK={local_rank}) but only {torch.cuda.device_count()} "
@@ -196,13 +199,6 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(1)[0])
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / DataParallel (what is saved and evaluated)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 class _BatchNormXd(nn.modules.batchnorm._BatchNorm):
     """Plain BatchNorm that, like SyncBatchNorm, accepts 2-D to 5-D input (same parameters and buffers)."""
 
@@ -249,8 +245,8 @@ def wrap_ddp(model: nn.Module, dist_info: DistInfo, sync_bn: bool = True,
     if dist_info.device.type == "cuda":
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank],
-                                                   output_device=dist_info.local_rank,
+        return nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.device.index],
+                                                   output_device=dist_info.device.index,
                                                    find_unused_parameters=find_unused_parameters)
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         _LOG.warning("SyncBatchNorm is not supported on %s; using per-process BatchNorm statistics",
