@@ -261,3 +261,36 @@ def test_own_format_of_another_arch_is_refused_naming_both(tmp_path):
     path = save_model_checkpoint(same_arch_other_shape, tmp_path / "deep.pth")
     with pytest.raises(CheckpointMismatchError, match="transformer.layers.1"):
         create_model("cbt_tiny", pretrained=path, **cfg)
+
+
+def test_authors_file_of_another_registered_arch_is_refused(tmp_path):
+    # Ours_tiny and Agent_tiny have identical keys and shapes; only the recorded arch tells them apart.
+    path = tmp_path / "ours.pth.tar"
+    write_authors_checkpoint(path, "Ours_tiny", seed=3, depth=2)
+    with pytest.raises(CheckpointMismatchError, match="'Ours_tiny'.*'agent_tiny'"):
+        create_model("agent_tiny", depth=2, pretrained=path)
+    create_model("cbt_tiny", depth=2, pretrained=path)  # the same arch under its canonical name loads
+
+
+@pytest.mark.parametrize("saved, loaded, field", [
+    (dict(rep_grid=(4, 4)), dict(), "rep_grid"),
+    (dict(attn="agent"), dict(), "attn"),
+])
+def test_own_file_with_another_behaviour_config_is_refused(saved, loaded, field, tmp_path):
+    model, cfg = small("cbt_tiny", **saved)
+    path = save_model_checkpoint(model, tmp_path / "m.pth")
+    with pytest.raises(CheckpointMismatchError, match=field):
+        create_model("cbt_tiny", pretrained=path, **{k: v for k, v in cfg.items() if k not in saved}, **loaded)
+
+
+def test_newer_format_version_and_text_files_are_refused(tmp_path):
+    model, cfg = small("cbt_tiny")
+    ckpt = torch.load(save_model_checkpoint(model, tmp_path / "m.pth"), weights_only=True)
+    ckpt["format_version"] = FORMAT_VERSION + 1
+    torch.save(ckpt, tmp_path / "future.pth")
+    with pytest.raises(CheckpointError, match="format_version"):
+        create_model("cbt_tiny", pretrained=tmp_path / "future.pth", **cfg)
+    text = tmp_path / "notes.pth"
+    text.write_bytes(b"hello world\n" * 10)
+    with pytest.raises(CheckpointError, match="notes.pth"):
+        read_checkpoint(text)
