@@ -69,7 +69,17 @@ ADE20K_CLASSES = (
 
 
 def _list_files(folder: Path, extensions: Sequence[str]) -> Dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in extensions}
+    """Files of ``folder`` with one of ``extensions``, by stem; two files sharing a stem are refused (a label
+    pairs with its image by stem, so ``a.jpg`` and ``a.png`` would be ambiguous)."""
+    files: Dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not (p.is_file() and p.suffix.lower() in extensions):
+            continue
+        if p.stem in files:
+            raise DatasetError(f"{files[p.stem]} and {p} share the name {p.stem!r}; images and labels are paired "
+                               "by file name without extension, so keep only one of them")
+        files[p.stem] = p
+    return files
 
 
 class SegmentationFolder(Dataset):

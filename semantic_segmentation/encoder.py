@@ -29,7 +29,8 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights
 from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint, strip_prefix
 from cbsa_core.layers import resample_pos_embed
 
-__all__ = ["BACKBONES", "SegmenterViT", "create_encoder", "load_pretrained_encoder"]
+__all__ = ["BACKBONES", "PRETRAINED_WEIGHTS", "SegmenterViT", "create_encoder", "load_pretrained_encoder",
+           "pretrained_weights_hint"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -46,6 +47,21 @@ BACKBONES: Dict[str, Dict[str, object]] = {
     "deit_base_patch16_224": dict(d_model=768, n_heads=12, n_layers=12, patch_size=16, normalization="deit"),
 }
 
+# The ImageNet weights each backbone starts from in the release (timm's default for the name; official-code.md
+# §4.1), as timm 1.x tags. Nothing downloads: ``--pretrained-file`` must point at a local copy.
+PRETRAINED_WEIGHTS: Dict[str, str] = {
+    **{f"vit_{s}_patch16_384": f"vit_{s}_patch16_384.augreg_in21k_ft_in1k" for s in ("tiny", "small", "base", "large")},
+    **{f"deit_{s}_patch16_224": f"deit_{s}_patch16_224.fb_in1k" for s in ("tiny", "small", "base")},
+}
+
+
+def pretrained_weights_hint(backbone: str) -> str:
+    """What ``--pretrained-file`` must hold for ``backbone`` (for error messages)."""
+    formats = ".npz, .safetensors, or a .pth state dict with timm names"
+    if backbone in PRETRAINED_WEIGHTS:
+        return f"a local copy of timm's {PRETRAINED_WEIGHTS[backbone]} weights ({formats})"
+    return f"a local file of ImageNet weights for the {backbone!r} encoder ({formats})"
+
 
 class SegmenterViT(VisionTransformer):
     """timm ViT with Segmenter's forward: ``forward(im (B, 3, H, W)) -> (B, 1 + h·w, D)`` after the final LN.
@@ -59,8 +75,12 @@ class SegmenterViT(VisionTransformer):
                  num_classes: int = 1000) -> None:
         super().__init__(
             img_size=tuple(image_size), patch_size=patch_size, num_classes=num_classes, embed_dim=d_model,
-            depth=n_layers, num_heads=n_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_rate=dropout,
-            pos_drop_rate=dropout, drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-5),
+            depth=n_layers, num_heads=n_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+            # Segmenter's ``dropout`` acts after the position embedding, on the attention weights, after the
+            # attention projection and after both MLP layers (timm: pos_drop, attn_drop, proj_drop, mlp.drop1/2).
+            # Its ViT has no dropout before the (unused) head, hence drop_rate 0.
+            drop_rate=0.0, pos_drop_rate=dropout, attn_drop_rate=dropout, proj_drop_rate=dropout,
+            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-5),
         )
         self.d_model = d_model
         self.patch_size = patch_size

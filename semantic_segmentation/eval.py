@@ -5,15 +5,16 @@
 
 Sliding windows of ``--window-size`` (default: the checkpoint's crop, 512) with ``--window-stride`` (default
 window - 32 = 480, the release's eval default; its training-time eval used 512). ``--multiscale`` averages the
-ratios {0.5, 0.75, 1.0, 1.25, 1.5, 1.75} with flips. Works with this project's checkpoints and the authors'
-files (``variant.yml`` beside them). Scores and per-class IoU are written to ``scores_{ss|ms}.yml`` beside the
-checkpoint (rank 0).
+ratios {0.5, 0.75, 1.0, 1.25, 1.5, 1.75} with flips. As in the release, every variant whose short side is below
+the window is first upscaled to it (the ms ratios < 1, and single-scale images of aspect ratio > 4, whose short
+side the 4·im_size cap on the long side leaves below im_size); ``--no-upscale-small`` keeps such variants at their
+own size. Works with this project's checkpoints and the authors' files (``variant.yml`` beside them). Scores and
+per-class IoU are written to ``scores_{ss|ms}.yml`` beside the checkpoint (rank 0).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -21,13 +22,13 @@ from typing import Any, Dict, Optional, Sequence
 if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # see main.py
 
-import yaml
-
 from cbsa_core.checkpoint import CheckpointError
-from cbsa_core.engine import check_precision, cleanup_distributed, init_distributed, setup_logging
+from cbsa_core.engine import (PRECISIONS, ConfigError, check_precision, cleanup_distributed, init_distributed,
+                              setup_logging)
 from semantic_segmentation.data import DATASET_DEFAULTS, DatasetError, build_dataset, resolve_data_root
 from semantic_segmentation.inference import MS_RATIOS, evaluate_miou
 from semantic_segmentation.model import load_model
+from semantic_segmentation.yaml_files import write_yaml_atomic
 
 _LOG = logging.getLogger("semantic_segmentation.eval")
 
@@ -51,10 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-cls", type=int, default=None, help="--dataset folder: must equal the model's classes")
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=False,
                    help="folder dataset only")
-    p.add_argument("--legacy-upscale", action="store_true",
-                   help="upscale variants whose short side is below the window, as the release does (item 38)")
+    p.add_argument("--upscale-small", action=argparse.BooleanOptionalAction, default=True,
+                   help="upscale variants whose short side is below the window to the window (the release's "
+                   "resize(); item 38); --no-upscale-small runs them at their own size, e.g. multi-scale ratios < 1")
+    p.add_argument("--verify-data", action="store_true",
+                   help="check every image/label pair (sizes, label values) before evaluating")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--precision", default="fp32", help="fp32 (release), bf16 or fp16")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp32 is the release's")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--output", default=None, help="scores file (default: scores_{ss|ms}.yml beside the checkpoint)")
@@ -76,17 +80,19 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         window_stride = args.window_stride or window_size - 32
         n_cls = args.n_cls or model.n_cls
         if n_cls != model.n_cls:
-            raise SystemExit(f"error: --n-cls {n_cls} but {args.model_path} predicts {model.n_cls} classes")
+            raise ConfigError(f"--n-cls {n_cls} but {args.model_path} predicts {model.n_cls} classes")
         dataset = build_dataset(args.dataset_name, data_root, args.split, mode="eval", n_cls=n_cls,
                                 im_size=int(im_size), normalization=cfg["normalization"],
                                 reduce_zero_label=args.reduce_zero_label,
                                 test_ratios=MS_RATIOS if args.multiscale else (1.0,), test_flip=args.multiscale)
+        if args.verify_data:
+            dataset.verify()
         _LOG.info("%s on %s/%s: %d images, %s, window %d stride %d, im_size %d", args.model_path,
                   args.dataset_name, args.split, len(dataset), "multi-scale" if args.multiscale else "single-scale",
                   window_size, window_stride, im_size)
         scores = evaluate_miou(model, dataset, window_size=window_size, window_stride=window_stride,
                                window_batch_size=args.window_batch_size, precision=precision,
-                               upscale_small=args.legacy_upscale, num_workers=args.num_workers,
+                               upscale_small=args.upscale_small, num_workers=args.num_workers,
                                max_images=args.max_images, log_every=100)
     finally:
         cleanup_distributed()
@@ -95,7 +101,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         mean_accuracy=round(scores["mean_accuracy"], 2), num_images=scores["num_images"],
         settings=dict(dataset=args.dataset_name, split=args.split, multiscale=bool(args.multiscale),
                       window_size=window_size, window_stride=window_stride, im_size=int(im_size),
-                      legacy_upscale=bool(args.legacy_upscale), precision=precision),
+                      upscale_small=bool(args.upscale_small), precision=precision),
         per_class_iou={name: round(v, 2) for name, v in zip(scores["class_names"], scores["per_class_iou"])},
         per_class_accuracy={name: round(v, 2) for name, v in zip(scores["class_names"],
                                                                   scores["per_class_accuracy"])},
@@ -103,10 +109,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if dist_info.is_main:
         out = Path(args.output) if args.output else (
             Path(args.model_path).parent / f"scores_{'ms' if args.multiscale else 'ss'}.yml")
-        tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "w") as f:
-            yaml.safe_dump(report, f, sort_keys=False)
-        os.replace(tmp, out)
+        write_yaml_atomic(out, report)
         print(f"mIoU {report['mean_iou']:.2f}  pixel acc {report['pixel_accuracy']:.2f}  "
               f"mean acc {report['mean_accuracy']:.2f}  ({report['num_images']} images) -> {out}")
     return report
@@ -116,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (DatasetError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,18 +1,21 @@
 """Sliding-window and multi-scale inference, and mIoU over a dataset (official-code.md §4.3).
 
-For each test-time variant of an image (scale ratio, optional flip):
+For each test-time variant of an image (scale ratio, optional flip), as the release's ``inference()``:
 
-    1. square windows of ``window_size`` at anchors ``[a for a in range(0, H, stride) if a < H - ws] + [H - ws]``
-       (same along W); a side shorter than the window is covered by one window of that side's length;
-    2. the model runs on the windows in batches of ``window_batch_size``;
-    3. logits are averaged where windows overlap, resized bilinearly to the original image size, un-flipped,
+    1. Segmenter's ``resize``: a variant whose short side is below ``window_size`` is upscaled bilinearly so
+       its short side equals the window (never downscaled);
+    2. square windows of ``window_size`` at anchors ``[a for a in range(0, H, stride) if a < H - ws] + [H - ws]``
+       (same along W); a side still shorter than the window is covered by one window of that side's length;
+    3. the model runs on the windows in batches of ``window_batch_size``;
+    4. logits are averaged where windows overlap, resized bilinearly to the original image size, un-flipped,
        and turned into class probabilities (softmax);
 
 then the probabilities of all variants are averaged and the argmax is the prediction.
 
-The release instead upsamples any variant whose short side is below the window (Segmenter's ``resize``), so
-its multi-scale ratios < 1 come back as blurred copies at ratio 1 (item 38); ``upscale_small=True`` reproduces
-that. Single-scale evaluation at ``im_size == window_size`` is identical either way.
+Step 1 matters even single-scale: the keep-ratio test rescale caps the long side at ``4·im_size``, so an image
+with aspect ratio > 4 comes out with a short side below ``im_size`` and is upscaled here. It also turns the
+multi-scale ratios < 1 into blurred copies at ratio 1 (item 38). ``upscale_small=False`` runs every variant at
+its own size instead (not the release's numbers).
 """
 from __future__ import annotations
 
@@ -78,7 +81,9 @@ def sliding_window_logits(model: nn.Module, im: torch.Tensor, window_size: int, 
 
 
 def _upscale_short_side(im: torch.Tensor, size: int) -> torch.Tensor:
-    """Segmenter's ``resize``: bilinear upscale so the short side is ``size``; never downscales."""
+    """Segmenter's ``resize``: (B, C, h, w) -> bilinear upscale (align_corners=False) so the short side is
+    ``size`` and the long side ``int(long / short · size)``; returned unchanged when the short side is already
+    ``>= size`` (never downscales)."""
     h, w = im.shape[-2:]
     if min(h, w) >= size:
         return im
@@ -93,8 +98,12 @@ def _upscale_short_side(im: torch.Tensor, size: int) -> torch.Tensor:
 def predict_probabilities(model: nn.Module, images: Sequence[torch.Tensor], flips: Sequence[bool],
                           out_size: Tuple[int, int], *, window_size: int, window_stride: int,
                           window_batch_size: int = 4, precision: str = "fp32",
-                          upscale_small: bool = False) -> torch.Tensor:
-    """Class probabilities (n_cls, H0, W0) averaged over test-time variants (images (3, h, w), flipped or not)."""
+                          upscale_small: bool = True) -> torch.Tensor:
+    """Class probabilities (n_cls, H0, W0) averaged over test-time variants.
+
+    ``images`` are (3, h, w) or (1, 3, h, w) tensors, ``flips[i]`` tells whether ``images[i]`` was flipped
+    horizontally (its logits are flipped back before the softmax); ``upscale_small``: step 1 of the module doc.
+    """
     device = next(model.parameters()).device
     probs: Optional[torch.Tensor] = None
     for im, flip in zip(images, flips):
@@ -120,7 +129,7 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], flips: Sequence[bo
 @torch.no_grad()
 def confusion_on_shard(model: nn.Module, dataset: Dataset, rank: int, world_size: int, *, window_size: int,
                        window_stride: int, window_batch_size: int = 4, precision: str = "fp32",
-                       upscale_small: bool = False, num_workers: int = 0, num_images: Optional[int] = None,
+                       upscale_small: bool = True, num_workers: int = 0, num_images: Optional[int] = None,
                        log_every: int = 0) -> Tuple[torch.Tensor, int]:
     """Confusion matrix (n_cls, n_cls) over this rank's share of the first ``num_images`` images (all by
     default), and how many images that was. The shares of ranks 0..world_size-1 partition the set."""
@@ -147,12 +156,13 @@ def confusion_on_shard(model: nn.Module, dataset: Dataset, rank: int, world_size
 
 @torch.no_grad()
 def evaluate_miou(model: nn.Module, dataset: Dataset, *, window_size: int = 512, window_stride: int = 480,
-                  window_batch_size: int = 4, precision: str = "fp32", upscale_small: bool = False,
+                  window_batch_size: int = 4, precision: str = "fp32", upscale_small: bool = True,
                   num_workers: int = 0, max_images: Optional[int] = None, log_every: int = 0) -> Dict[str, object]:
     """mIoU, pixel accuracy and mean accuracy of ``model`` on an eval-mode dataset.
 
     ``dataset`` is a :class:`~semantic_segmentation.data.SegmentationFolder` in ``mode="eval"`` (its
-    ``test_ratios``/``test_flip`` choose single- or multi-scale). In a distributed run every rank evaluates its
+    ``test_ratios``/``test_flip`` choose single- or multi-scale). ``upscale_small`` (default: the release's
+    behaviour) is step 1 of the module doc. In a distributed run every rank evaluates its
     shard (:class:`ShardedEvalSampler`: no image dropped or duplicated) and the confusion matrices are summed;
     pass the unwrapped model (no DDP collectives in the forward). ``max_images`` evaluates a prefix of the set.
 

@@ -7,9 +7,11 @@ Run inside ``semantic_segmentation/`` or as a module, on one process or under to
     torchrun --nproc_per_node=8 -m semantic_segmentation.main --config configs/segmentation/cbt_s.yaml \\
         --log-dir log/CBT-Small --data-root /data --pretrained-file vit_small_patch16_384.augreg.npz
 
-Recipe (config.yml / §1.3.4): SGD lr 1e-3, momentum 0.9 (Nesterov, as timm's 'sgd'), weight decay 0, polynomial
+Recipe (config.yml / §1.3.4): SGD lr 1e-3, momentum 0.9 (Nesterov, as timm's 'sgd'), weight decay 0 (a positive
+``--weight-decay`` spares norms, biases, pos_embed/cls_token/cls_emb, as timm's create_optimizer), polynomial
 decay (power 0.9) to 1e-5 stepped every iteration, 64 epochs, global batch 8, drop-path 0.1, cross-entropy
-ignoring 255, evaluation every 2 epochs with 512 windows and stride 512.
+ignoring 255, evaluation every 2 epochs with 512 windows and stride 512 (variants below the window upscaled to it,
+as in the release).
 
 ``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume`` continues from it exactly),
 ``variant.yml`` (the run's settings), ``log.txt`` (one JSON line per epoch) and TensorBoard event files.
@@ -19,10 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 if __package__ in (None, ""):
     # Run as a script from inside the folder: import the package from the repository root, and keep the
@@ -31,20 +32,20 @@ if __package__ in (None, ""):
 
 import torch
 import torch.nn as nn
-import yaml
 from torch.utils.data import DataLoader
 
 from cbsa_core.checkpoint import CheckpointError
-from cbsa_core.engine import (JsonlLogger, PolynomialLambda, TensorBoardLogger, build_lambda_scheduler,
+from cbsa_core.engine import (ConfigError, JsonlLogger, PolynomialLambda, TensorBoardLogger, build_lambda_scheduler,
                               build_optimizer, cleanup_distributed, epoch_seed, init_distributed,
                               load_training_checkpoint, make_grad_scaler, make_train_sampler,
-                              save_training_checkpoint, seed_everything, setup_logging, train_one_epoch, unwrap_model,
-                              wrap_ddp)
+                              parse_args_with_config, save_training_checkpoint, seed_everything, setup_logging,
+                              train_one_epoch, unwrap_model, wrap_ddp)
 from semantic_segmentation.data import DATASET_DEFAULTS, DatasetError, build_dataset, resolve_data_root
-from semantic_segmentation.encoder import BACKBONES
+from semantic_segmentation.encoder import BACKBONES, pretrained_weights_hint
 from semantic_segmentation.inference import evaluate_miou
-from semantic_segmentation.model import ARCH, create_segmenter, default_model_config
+from semantic_segmentation.model import ARCH, check_rep_grid, create_segmenter, default_model_config
 from semantic_segmentation.transforms import IGNORE_INDEX
+from semantic_segmentation.yaml_files import write_yaml_atomic
 
 _LOG = logging.getLogger("semantic_segmentation.main")
 
@@ -112,27 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave after this many epochs of this invocation (time-limited jobs; --resume continues)")
     p.add_argument("--window-batch-size", type=int, default=4)
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--verify-data", action="store_true",
+                   help="check every image/label pair of both splits (sizes, label values) before training")
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line, with ``--config`` YAML values as defaults (unknown keys are refused)."""
+    """Parse the command line over the ``--config`` YAML values (checked by the engine's loader: unknown keys,
+    values a flag would refuse and YAML syntax errors exit through ``parser.error``, status 2)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            parser.error(f"config file not found: {path}")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            parser.error(f"config file {path} must hold a mapping of option names to values")
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"config file {path} has unknown keys: {', '.join(unknown)}")
-        parser.set_defaults(**values)
-        args = parser.parse_args(argv)
+    args = parse_args_with_config(parser, argv)
     if not args.log_dir:
         parser.error("--log-dir is required")
     return args
@@ -149,19 +139,49 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     )
     s["window_size"] = args.window_size or s["crop_size"]
     if not s["n_cls"]:
-        raise SystemExit(f"error: --dataset {args.dataset} needs --n-cls")
+        raise ConfigError(f"--dataset {args.dataset} needs --n-cls")
     return s
 
 
 def model_config_from_args(args: argparse.Namespace, settings: Dict[str, Any]) -> Dict[str, Any]:
     if not args.backbone:
-        raise SystemExit(f"error: --backbone is required; valid: {', '.join(BACKBONES)}")
+        raise ConfigError(f"--backbone is required; valid: {', '.join(BACKBONES)}")
     decoder = dict(n_layers=args.dec_layers, n_heads=args.dec_heads, dim_head=args.dec_dim_head,
                    rep_grid=args.rep_grid, tied_output=args.tied_output)
-    return default_model_config(args.backbone, n_cls=settings["n_cls"], crop_size=settings["crop_size"],
-                                drop_path_rate=args.drop_path, dropout=args.dropout, decoder=decoder,
-                                d_model=args.d_model, n_heads=args.enc_heads, n_layers=args.enc_layers,
-                                patch_size=args.patch_size, normalization=args.normalization)
+    try:
+        config = default_model_config(args.backbone, n_cls=settings["n_cls"], crop_size=settings["crop_size"],
+                                      drop_path_rate=args.drop_path, dropout=args.dropout, decoder=decoder,
+                                      d_model=args.d_model, n_heads=args.enc_heads, n_layers=args.enc_layers,
+                                      patch_size=args.patch_size, normalization=args.normalization)
+    except ValueError as e:
+        raise ConfigError(f"--backbone: {e}") from None
+    try:  # before any data is read or a model built
+        check_rep_grid(config["image_size"], config["patch_size"], config["decoder"]["rep_grid"])
+    except ValueError as e:
+        raise ConfigError(f"--crop-size/--rep-grid: {e}") from None
+    return config
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """The release's parameter groups (timm 0.4.12 ``create_optimizer`` with ``filter_bias_and_bn``).
+
+    With ``weight_decay > 0``: 1-D parameters (norms, biases), ``*.bias`` and the model's ``no_weight_decay()``
+    names (``encoder.pos_embed``, ``encoder.cls_token``, ``decoder.cls_emb``) go into a first group without decay,
+    everything else (weights, the CBSA step sizes (H, 1, 1)) into a second with ``weight_decay``; frozen
+    parameters are left out. With ``weight_decay == 0`` one group of all parameters, as timm builds it.
+    """
+    if not weight_decay:
+        return [dict(params=list(model.parameters()), weight_decay=0.0)]
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=float(weight_decay))]
 
 
 def _precision(args: argparse.Namespace, device: torch.device) -> str:
@@ -170,37 +190,34 @@ def _precision(args: argparse.Namespace, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "bf16"
 
 
-def _write_yaml(path: Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, path)
-
-
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Run training as configured by ``args``; returns the last epoch's log record."""
     settings = resolve_settings(args)
-    data_root = resolve_data_root(args.data_root)  # fails first, with a clear message, when unset or missing
     model_config = model_config_from_args(args, settings)
+    data_root = resolve_data_root(args.data_root)  # the dataset is checked before the weights
     common = dict(n_cls=settings["n_cls"], im_size=settings["im_size"], normalization=model_config["normalization"],
                   reduce_zero_label=args.reduce_zero_label)
     train_set = build_dataset(args.dataset, data_root, "train", mode="train", crop_size=settings["crop_size"],
                               seed=args.seed, **common)
     val_set = build_dataset(args.dataset, data_root, "val", mode="eval", **common)
+    if args.verify_data:
+        train_set.verify()
+        val_set.verify()
     log_dir = Path(args.log_dir)
     ckpt_path = log_dir / CHECKPOINT_NAME
     resuming = bool(args.resume) and ckpt_path.is_file()
     if not resuming and not args.pretrained_file and not args.from_scratch:
-        raise SystemExit("error: pass --pretrained-file (a local ImageNet checkpoint of the backbone: timm .npz, "
-                         ".safetensors or .pth; nothing downloads) or --from-scratch")
+        raise ConfigError(f"no encoder weights: pass --pretrained-file PATH, "
+                          f"{pretrained_weights_hint(model_config['backbone'])}; nothing is downloaded. "
+                          "Or pass --from-scratch to train the encoder from random initialisation.")
 
     dist_info = init_distributed(args.device)
     setup_logging(dist_info.rank)
     device = dist_info.device
     precision = _precision(args, device)
     if settings["batch_size"] % dist_info.world_size:
-        raise SystemExit(f"error: --batch-size {settings['batch_size']} does not divide over "
-                         f"{dist_info.world_size} processes")
+        raise ConfigError(f"--batch-size {settings['batch_size']} does not divide over "
+                          f"{dist_info.world_size} processes")
     per_rank_batch = settings["batch_size"] // dist_info.world_size
 
     seed_everything(args.seed, dist_info.rank)
@@ -208,8 +225,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                              else args.pretrained_file)
     model = wrap_ddp(model, dist_info, sync_bn=False, find_unused_parameters=True)  # encoder.head is unused
     net = unwrap_model(model)
-    optimizer = build_optimizer(args.optimizer, model, settings["learning_rate"], args.weight_decay,
-                                momentum=args.momentum, nesterov=True)
+    # Each group carries its own weight decay (timm likewise passes 0 as the optimizer default).
+    optimizer = build_optimizer(args.optimizer, optimizer_param_groups(net, args.weight_decay),
+                                settings["learning_rate"], 0.0, momentum=args.momentum, nesterov=True)
     sampler = make_train_sampler(train_set, dist_info, args.seed, 0)
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=False)
@@ -235,7 +253,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     jsonl = JsonlLogger(log_dir / "log.txt", enabled=dist_info.is_main)
     if dist_info.is_main:
         log_dir.mkdir(parents=True, exist_ok=True)
-        _write_yaml(log_dir / "variant.yml", variant)
+        write_yaml_atomic(log_dir / "variant.yml", variant)
         n_params = sum(p.numel() for p in net.parameters())
         n_dec = sum(p.numel() for p in net.decoder.parameters())
         _LOG.info("model: %s encoder + CBT decoder, %.2fM parameters (decoder %.3fM); %d train / %d val images; "
@@ -289,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (DatasetError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

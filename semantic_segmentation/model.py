@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,8 +27,8 @@ from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, chec
 from .decoder import MaskTransformer
 from .encoder import BACKBONES, SegmenterViT, create_encoder, load_pretrained_encoder
 
-__all__ = ["ARCH", "Segmenter", "default_model_config", "create_segmenter", "load_model", "read_variant",
-           "pad_to_patch", "config_from_authors_checkpoint"]
+__all__ = ["ARCH", "Segmenter", "default_model_config", "check_rep_grid", "create_segmenter", "load_model",
+           "read_variant", "pad_to_patch", "config_from_authors_checkpoint"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -109,6 +109,16 @@ def default_model_config(backbone: str = "vit_small_patch16_384", *, n_cls: int 
                 drop_path_rate=float(drop_path_rate), n_cls=int(n_cls), decoder=dec)
 
 
+def check_rep_grid(crop_size: Sequence[int], patch_size: int, rep_grid: Sequence[int]) -> None:
+    """The decoder pools its representatives from the crop's patch grid, which must be at least ``rep_grid``
+    (adaptive pooling to a larger grid would only repeat tokens); raises ``ValueError`` otherwise."""
+    grid = [int(c) // int(patch_size) for c in crop_size]
+    if grid[0] < int(rep_grid[0]) or grid[1] < int(rep_grid[1]):
+        raise ValueError(f"crop size {crop_size[0]}x{crop_size[1]} with patch {patch_size} gives a {grid[0]}x{grid[1]} "
+                         f"patch grid, smaller than the decoder's representative grid {rep_grid[0]}x{rep_grid[1]}; "
+                         "use a larger crop size or a smaller rep_grid")
+
+
 def create_segmenter(config: Mapping[str, Any], *, pretrained_file: Optional[str | os.PathLike] = None) -> Segmenter:
     """Build a :class:`Segmenter` from a config (see :func:`default_model_config`).
 
@@ -124,6 +134,7 @@ def create_segmenter(config: Mapping[str, Any], *, pretrained_file: Optional[str
     cfg["decoder"] = dec
     image_size = cfg["image_size"]
     image_size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(map(int, image_size))
+    check_rep_grid(image_size, int(cfg["patch_size"]), dec["rep_grid"])
     encoder = create_encoder(cfg.get("backbone", ""), image_size, drop_path_rate=float(cfg.get("drop_path_rate", 0.0)),
                              dropout=float(cfg.get("dropout", 0.0)), d_model=cfg["d_model"], n_heads=cfg["n_heads"],
                              n_layers=cfg["n_layers"], patch_size=cfg["patch_size"])
@@ -167,13 +178,21 @@ _LAYER_KEY = re.compile(r"^decoder\.net\.layers\.(\d+)\.fn\.proj\.weight$")
 
 
 def config_from_authors_checkpoint(state_dict: Mapping[str, torch.Tensor], n_cls: int, variant: Mapping[str, Any],
-                                   source: str) -> Dict[str, Any]:
+                                   source: str, variant_source: Optional[str] = None) -> Dict[str, Any]:
     """Model config of an authors' checkpoint: encoder depth/width and decoder layers/heads from the variant,
     decoder head width and output tying from the weights' shapes (item 37). Any disagreement raises
-    :class:`CheckpointMismatchError` naming ``source``."""
+    :class:`CheckpointMismatchError` naming ``source`` (and ``variant_source``, the variant file, when the
+    variant itself lacks a setting)."""
     net = dict(variant["net_kwargs"])
     dec_v = dict(net.get("decoder") or {})
     problems: List[str] = []
+    # The encoder's head count cannot be read from the weights (qkv is D x 3D for any split), so the variant
+    # must give it; its depth is required too, to cross-check the weights.
+    absent = [k for k in ("n_layers", "n_heads") if net.get(k) is None]
+    if absent:
+        raise CheckpointMismatchError(
+            f"{variant_source or 'the variant.yml'} (beside {source}) has no "
+            f"{' or '.join('net_kwargs.' + k for k in absent)}; the encoder cannot be built without them")
 
     def need(key: str) -> torch.Tensor:
         if key not in state_dict:
@@ -181,8 +200,8 @@ def config_from_authors_checkpoint(state_dict: Mapping[str, torch.Tensor], n_cls
         return state_dict[key]
 
     d_model = int(net.get("d_model", need("encoder.cls_token").shape[-1]))
-    n_layers = int(net.get("n_layers", 0))
-    n_heads = int(net.get("n_heads", 0))
+    n_layers = int(net["n_layers"])
+    n_heads = int(net["n_heads"])
     patch_size = int(net.get("patch_size", 16))
     image_size = net.get("image_size", (512, 512))
     image_size = [int(image_size), int(image_size)] if isinstance(image_size, int) else [int(s) for s in image_size]
@@ -244,9 +263,10 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
         config = ckpt["model_config"]
         variant = dict(ckpt.get("variant") or {})
     elif kind == "authors_segmentation":
-        variant = read_variant(path.parent / "variant.yml")
+        variant_path = path.parent / "variant.yml"
+        variant = read_variant(variant_path)
         config = config_from_authors_checkpoint(state_dict, int(ckpt["n_cls"]), variant,
-                                                source=f"checkpoint {path}")
+                                                source=f"checkpoint {path}", variant_source=str(variant_path))
     else:
         raise CheckpointError(f"checkpoint {path} is a {kind} file, not a segmentation checkpoint "
                               "(expected this project's format or the authors' {'model', 'n_cls', ...})")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["NORMALIZATION", "IGNORE_INDEX", "reduce_zero_label", "random_rescale", "random_crop", "random_flip",
-           "photometric_distortion", "normalize", "pad_to", "TrainTransform", "test_scale", "rescale_for_test",
+           "photometric_distortion", "normalize", "pad_to", "TrainTransform", "eval_scale", "rescale_for_test",
            "to_tensor"]
 
 IGNORE_INDEX = 255
@@ -169,7 +169,7 @@ class TrainTransform:
         return to_tensor(img), torch.from_numpy(label.astype(np.int64))
 
 
-def test_scale(im_size: int, ratio: float = 1.0) -> Tuple[int, int]:
+def eval_scale(im_size: int, ratio: float = 1.0) -> Tuple[int, int]:
     """mmseg ``MultiScaleFlipAug`` scale for one ratio: (int(4·im_size·r), int(im_size·r))."""
     return int(4 * im_size * ratio), int(im_size * ratio)
 
@@ -183,7 +183,7 @@ def rescale_for_test(img: np.ndarray, im_size: int, ratios: Sequence[float], fli
     """
     images, flips = [], []
     for r in ratios:
-        scaled = normalize(mmcv.imrescale(img, test_scale(im_size, r), interpolation="bilinear"), normalization)
+        scaled = normalize(mmcv.imrescale(img, eval_scale(im_size, r), interpolation="bilinear"), normalization)
         for f in ([False, True] if flip else [False]):
             images.append(to_tensor(mmcv.imflip(scaled, "horizontal") if f else scaled))
             flips.append(f)

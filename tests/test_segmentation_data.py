@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,25 +13,31 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from semantic_segmentation import (DatasetError, build_dataset, confusion_matrix, create_segmenter,
+from cbsa_core.checkpoint import save_model_checkpoint
+from cbsa_core.engine import build_optimizer
+from semantic_segmentation import (MS_RATIOS, DatasetError, build_dataset, confusion_matrix, create_segmenter,
                                    default_model_config, evaluate_miou, load_model, metrics_from_confusion,
                                    sliding_window_logits)
 from semantic_segmentation import eval as seg_eval
 from semantic_segmentation import main as seg_main
-from semantic_segmentation.inference import confusion_on_shard, window_anchors
-from semantic_segmentation.transforms import normalize, photometric_distortion, random_crop, reduce_zero_label
+from semantic_segmentation.inference import (_upscale_short_side, confusion_on_shard, predict, predict_probabilities,
+                                             window_anchors)
+from semantic_segmentation.transforms import (TrainTransform, normalize, photometric_distortion, random_crop,
+                                              random_rescale, reduce_zero_label)
 
 REPO = Path(__file__).resolve().parent.parent
 N_CLS = 4  # toy classes 1..4 in the PNGs (0 = "other", ignored), 0..3 after reduce_zero_label
 COLORS = {1: (40, 40, 40), 2: (220, 60, 60), 3: (60, 200, 60), 4: (60, 60, 230)}  # RGB per class
 
 
-def _toy_pair(rng: np.random.Generator, h: int, w: int):
+def _toy_pair(rng: np.random.Generator, h: int, w: int, other: bool = True):
     label = np.full((h, w), 1, np.uint8)
-    label[: h // 8] = 0  # an "other" strip: ignored after reduce_zero_label
+    if other:
+        label[: h // 8] = 0  # an "other" strip: ignored after reduce_zero_label
     y0, x0 = rng.integers(h // 8, h // 2), rng.integers(0, w // 2)
     label[y0:y0 + h // 3, x0:x0 + w // 3] = 2
     yy, xx = np.mgrid[:h, :w]
@@ -45,7 +52,7 @@ def _toy_pair(rng: np.random.Generator, h: int, w: int):
     return img, label
 
 
-def make_toy_ade20k(root: Path, n_train: int = 6, n_val: int = 3, seed: int = 0) -> Path:
+def make_toy_ade20k(root: Path, n_train: int = 6, n_val: int = 3, seed: int = 0, other: bool = True) -> Path:
     rng = np.random.default_rng(seed)
     base = root / "ADEChallengeData2016"
     for split, n in (("training", n_train), ("validation", n_val)):
@@ -53,7 +60,7 @@ def make_toy_ade20k(root: Path, n_train: int = 6, n_val: int = 3, seed: int = 0)
         (base / "annotations" / split).mkdir(parents=True)
         for i in range(n):
             h, w = int(rng.integers(64, 97)), int(rng.integers(64, 97))
-            img, label = _toy_pair(rng, h, w)
+            img, label = _toy_pair(rng, h, w, other)
             name = f"ADE_{split}_{i:08d}"
             Image.fromarray(img).save(base / "images" / split / f"{name}.jpg", quality=95)
             Image.fromarray(label).save(base / "annotations" / split / f"{name}.png")
@@ -104,16 +111,31 @@ def _short_side(shape, size):
     return (int(h * s + 0.5), int(w * s + 0.5))
 
 
-def test_train_pipeline_shapes_values_and_determinism(toy_root):
-    ds = build_dataset("ade20k", toy_root, "train", mode="train", n_cls=N_CLS, crop_size=64, im_size=32, seed=3)
+def test_train_pipeline_shapes_values_and_determinism(tmp_path):
+    # labels 1..4 only: after reduce_zero_label no pixel is 255, so every 255 in a crop is padding
+    root = make_toy_ade20k(tmp_path, n_train=2, n_val=1, other=False)
+    ds = build_dataset("ade20k", root, "train", mode="train", n_cls=N_CLS, crop_size=64, im_size=32, seed=3)
+    padded = 0
+    for index in range(2):
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            img, label = ds[index]
+            assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and label.shape == (64, 64)
+            assert set(torch.unique(label).tolist()) <= {0, 1, 2, 3, 255}
+            assert img.abs().max() <= 1.0 + 1e-6  # vit normalisation maps [0, 255] to [-1, 1]
+            # im_size 32 -> scale (128, 32) x [0.5, 2]: the short side is at most 64, so the crop is the whole
+            # rescaled image in the top-left corner, padded at the bottom/right with label 255 and image 0
+            valid = label != 255
+            h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
+            assert valid[:h, :w].all() and not valid[h:].any() and not valid[:, w:].any()
+            assert torch.count_nonzero(img[:, h:]) == 0 and torch.count_nonzero(img[:, :, w:]) == 0
+            padded += (h, w) != (64, 64)
+    assert padded >= 5  # a short side of exactly 64 needs a ratio of exactly 2
+    ds.set_epoch(0)
     img, label = ds[1]
-    assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and label.shape == (64, 64)
-    assert set(torch.unique(label).tolist()) <= {0, 1, 2, 3, 255}
-    # im_size 32 -> scale (128, 32) x [0.5, 2]: short side <= 64, so the crop is padded with 255 somewhere
-    assert (label == 255).any()
-    assert img.abs().max() <= 1.0 + 1e-6  # vit normalisation maps [0, 255] to [-1, 1]
     again_img, again_label = ds[1]
     torch.testing.assert_close(again_img, img, atol=0, rtol=0)
+    assert torch.equal(again_label, label)
     ds.set_epoch(1)
     assert not torch.equal(ds[1][0], img)
 
@@ -171,6 +193,9 @@ class ScriptedRng:
     def uniform(self, *args):
         return self._next("uniform", args)
 
+    def random(self, *args):
+        return self._next("random", args)
+
 
 def _hsv_channel(img, channel, fn):
     hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
@@ -203,6 +228,68 @@ def test_photometric_distortion_order_and_ranges(contrast_first):
     # all coins 0: the image is untouched
     none = ScriptedRng([("integers", (2,), 0)] * 6)
     np.testing.assert_array_equal(photometric_distortion(img.copy(), none), img)
+
+
+def test_random_rescale_follows_mmseg_with_int_truncation():
+    """mmseg Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True) for im_size 512: ratio =
+    0.5 + 1.5·u, scale = (int(2048·ratio), int(512·ratio)), then mmcv.imrescale to fit it:
+    factor = min(long / max(h, w), short / min(h, w)), size = int(side·factor + 0.5)."""
+    assert TrainTransform(512, 512).img_scale == (2048, 512)  # (4·im_size, im_size)
+    # u = 0.4 -> ratio 1.1 -> scale (int(2252.8), int(563.2)) = (2252, 563)
+    # 10x50 (aspect 5): factor = min(2252/50, 563/10) = 45.04 -> 2252 x 450 (rounding 2252.8 up would give 2253)
+    # 50x60: factor = min(2252/60, 563/50) = 11.26 -> 676 x 563
+    for (h, w), expected in (((10, 50), (450, 2252)), ((50, 60), (563, 676))):
+        img = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = np.random.default_rng(1).integers(0, 4, (h, w), dtype=np.uint8)
+        rng = ScriptedRng([("random", (), 0.4)])
+        out_img, out_label = random_rescale(img, label, (2048, 512), (0.5, 2.0), rng)
+        assert not rng.draws
+        assert out_img.shape == (*expected, 3) and out_label.shape == expected
+        size = (expected[1], expected[0])
+        np.testing.assert_array_equal(out_img, cv2.resize(img, size, interpolation=cv2.INTER_LINEAR))
+        np.testing.assert_array_equal(out_label, cv2.resize(label, size, interpolation=cv2.INTER_NEAREST))
+    # u = 0 -> ratio 0.5 -> (1024, 256): a 600x800 image shrinks to 256 x int(800·0.4267 + 0.5) = 341
+    img = np.zeros((600, 800, 3), np.uint8)
+    out, _ = random_rescale(img, img[..., 0], (2048, 512), (0.5, 2.0), ScriptedRng([("random", (), 0.0)]))
+    assert out.shape == (256, 341, 3)
+
+
+def test_train_transform_step_order():
+    """rescale -> crop (cat_max_ratio) -> flip -> photometric distortion -> normalise -> pad, drawn in that order."""
+    h, w = 50, 60
+    label = np.full((h, w), 1, np.uint8)
+    label[:, : w // 2] = 2  # two halves: every crop of the rescaled map holds both classes
+    img = np.random.default_rng(0).integers(0, 200, (h, w, 3), dtype=np.uint8)
+    # im_size 32 -> scale (128, 32); u = 0 -> ratio 0.5 -> (64, 16): factor min(64/60, 16/50) = 0.32 -> 16 x 19.
+    # crop 12: y in [0, 16 - 12], x in [0, 19 - 12]
+    draws = [("random", (), 0.0),                                        # 1. rescale
+             ("integers", (0, 5), 2), ("integers", (0, 8), 3),          # 2. crop at (2, 3), accepted
+             ("random", (), 0.2),                                        # 3. flip (0.2 < 0.5)
+             ("integers", (2,), 1), ("uniform", (-32, 32), 30.0),        # 4. brightness +30
+             ("integers", (2,), 0),                                      #    contrast last ...
+             ("integers", (2,), 0), ("integers", (2,), 0),               #    no saturation, no hue
+             ("integers", (2,), 0)]                                      #    ... and skipped
+    rng = ScriptedRng(draws)
+    out_img, out_label = TrainTransform(crop_size=12, im_size=32)(img, reduce_zero_label(label), rng)
+    assert not rng.draws
+    small = cv2.resize(img, (19, 16), interpolation=cv2.INTER_LINEAR)
+    small_label = cv2.resize(reduce_zero_label(label), (19, 16), interpolation=cv2.INTER_NEAREST)
+    crop, crop_label = small[2:14, 3:15][:, ::-1], small_label[2:14, 3:15][:, ::-1]
+    bright = np.clip(crop.astype(np.float32) + 30.0, 0, 255).astype(np.uint8)
+    rgb = bright[..., ::-1].astype(np.float32)
+    expected = torch.from_numpy(((rgb - 127.5) / 127.5).transpose(2, 0, 1).copy())
+    torch.testing.assert_close(out_img, expected, atol=1e-6, rtol=0)
+    assert torch.equal(out_label, torch.from_numpy(crop_label.astype(np.int64)))
+
+    # a crop larger than the rescaled image: crop 20 keeps all 16 x 19, pads to 20 x 20 (image 0, label 255)
+    rng = ScriptedRng([("random", (), 0.0), ("integers", (0, 1), 0), ("integers", (0, 1), 0), ("random", (), 0.9)]
+                      + [("integers", (2,), 0)] * 5)
+    out_img, out_label = TrainTransform(crop_size=20, im_size=32)(img, reduce_zero_label(label), rng)
+    assert not rng.draws and out_img.shape == (3, 20, 20)
+    assert torch.equal(out_label[:16, :19], torch.from_numpy(small_label.astype(np.int64)))
+    assert (out_label[16:] == 255).all() and (out_label[:, 19:] == 255).all()
+    assert torch.count_nonzero(out_img[:, 16:]) == 0 and torch.count_nonzero(out_img[:, :, 19:]) == 0
+    torch.testing.assert_close(out_img[:, :16, :19], torch.from_numpy(normalize(small, "vit").transpose(2, 0, 1)))
 
 
 def test_generic_folder_dataset_keeps_labels(tmp_path):
@@ -267,6 +354,11 @@ def test_bad_inputs_name_the_file(tmp_path):
     bad[0, 1] = 255
     Image.fromarray(bad).save(lbl)
     ds[0]
+    # two images with the same name but different extensions: which one the label belongs to is ambiguous
+    twin = train_imgs / "ADE_training_00000001.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(twin)
+    with pytest.raises(DatasetError, match=r"ADE_training_00000001\.jpg and .*ADE_training_00000001\.png share"):
+        build_dataset("ade20k", root, "train", n_cls=N_CLS)
 
 
 # ----------------------------------------------------------------------------------------------------------- metrics
@@ -329,22 +421,77 @@ def test_sliding_window_equals_direct_forward_and_averages_overlaps():
                                atol=1e-6, rtol=0)
 
 
-def test_evaluate_miou_matches_direct_predictions(toy_root):
-    model = tiny_model()
-    ds = build_dataset("ade20k", toy_root, "val", mode="eval", n_cls=N_CLS, im_size=64)
-    scores = evaluate_miou(model, ds, window_size=128, window_stride=96)
+def _hand_confusion(ds, predict_logits):
     cm = torch.zeros(N_CLS, N_CLS, dtype=torch.int64)
     for i in range(len(ds)):
         item = ds[i]
-        with torch.no_grad():  # each image fits in one 128 window: one direct forward, resized to the label size
-            logits = model(item["images"][0][None])
-        logits = torch.nn.functional.interpolate(logits, item["label"].shape, mode="bilinear", align_corners=False)
+        logits = predict_logits(item["images"][0][None])
+        logits = F.interpolate(logits, item["label"].shape, mode="bilinear", align_corners=False)
         pred, gt = logits[0].argmax(0).numpy().ravel(), item["label"].numpy().ravel()
         keep = gt != 255
         np.add.at(cm.numpy(), (gt[keep], pred[keep]), 1)
+    return cm
+
+
+def test_evaluate_miou_matches_direct_predictions(toy_root):
+    model = tiny_model()
+    ds = build_dataset("ade20k", toy_root, "val", mode="eval", n_cls=N_CLS, im_size=64)
+    # without the upscale each image (short side 64, long side <= 96) fits in one 128 window: one direct forward
+    scores = evaluate_miou(model, ds, window_size=128, window_stride=96, upscale_small=False)
+    with torch.no_grad():
+        cm = _hand_confusion(ds, model)
     assert torch.equal(scores["confusion"], cm)
     assert scores["num_images"] == 3
     assert scores["mean_iou"] == pytest.approx(metrics_from_confusion(cm)["mean_iou"], nan_ok=True)
+
+    # the release's default: short side 64 < window 128, so the image is first upscaled to short side 128
+    # (long side int(long / short · 128)) and then covered by sliding 128 windows with stride 96
+    def upscaled(im):
+        h, w = im.shape[-2:]
+        size = (128, int(w / h * 128)) if h < w else (int(h / w * 128), 128)
+        im = F.interpolate(im, size, mode="bilinear", align_corners=False)
+        return sliding_window_logits(model, im, 128, 96)[None]
+
+    default = evaluate_miou(model, ds, window_size=128, window_stride=96)
+    assert torch.equal(default["confusion"], _hand_confusion(ds, upscaled))
+    assert not torch.equal(default["confusion"], cm)  # the two paths really differ on these images
+
+
+def test_upscale_short_side_is_segmenters_resize():
+    im = torch.randn(1, 3, 12, 50)
+    out = _upscale_short_side(im, 16)  # short side 12 -> 16, long side int(50 / 12 · 16) = int(66.67) = 66
+    assert out.shape == (1, 3, 16, 66)
+    torch.testing.assert_close(out, F.interpolate(im, (16, 66), mode="bilinear", align_corners=False), atol=0, rtol=0)
+    tall = torch.randn(2, 3, 50, 12)
+    assert _upscale_short_side(tall, 16).shape == (2, 3, 66, 16)
+    assert _upscale_short_side(torch.randn(1, 3, 10, 10), 16).shape == (1, 3, 16, 16)
+    for big in (torch.randn(1, 3, 16, 40), torch.randn(1, 3, 64, 30)):  # short side >= size: untouched, no downscale
+        assert _upscale_short_side(big, 16) is big
+
+
+def test_multiscale_flip_probabilities_are_the_mean_of_unflipped_softmaxes():
+    """predict_probabilities = mean over variants of softmax(un-flip(resize(sliding-window logits)))."""
+    model = tiny_model()
+    torch.manual_seed(2)
+    image = torch.randn(3, 64, 80)
+    big = F.interpolate(image[None], (80, 100), mode="bilinear", align_corners=False)[0]
+    variants, flips = [image, torch.flip(big, (2,))], [False, True]
+    out_size = (64, 80)
+
+    def probs(im, unflip):
+        logits = sliding_window_logits(model, im[None], 64, 32)
+        logits = F.interpolate(logits[None], out_size, mode="bilinear", align_corners=False)[0]
+        return torch.softmax(torch.flip(logits, (2,)) if unflip else logits, dim=0)
+
+    expected = (probs(variants[0], False) + probs(variants[1], True)) / 2
+    got = predict_probabilities(model, variants, flips, out_size, window_size=64, window_stride=32)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.sum(0), torch.ones(out_size), atol=1e-5, rtol=0)
+    # forgetting to un-flip would be caught: it changes the result well beyond the tolerance
+    not_unflipped = (probs(variants[0], False) + probs(variants[1], False)) / 2
+    assert (not_unflipped - expected).abs().max() > 1e-3
+    assert torch.equal(predict(model, variants, flips, out_size, window_size=64, window_stride=32),
+                       got.argmax(0))
 
 
 def test_sharded_evaluation_counts_every_image_once(toy_root):
@@ -395,10 +542,19 @@ def test_training_lowers_loss_resumes_exactly_and_evaluates(toy_root, tmp_path):
     assert report["mean_iou"] == pytest.approx(round(direct["mean_iou"], 2))
     assert report["settings"]["window_stride"] == 32 and report["settings"]["window_size"] == 64
     assert list(report["per_class_iou"]) == ["0", "1", "2", "3"]
-    assert seg_eval.main([str(tmp_path / "full" / "checkpoint.pth"), "ade20k", "--data-root", str(toy_root),
-                          "--multiscale", "--num-workers", "0", "--device", "cpu", "--max-images", "1"]) == 0
-    ms = yaml.safe_load((tmp_path / "full" / "scores_ms.yml").read_text())
-    assert ms["settings"]["multiscale"] is True and ms["num_images"] == 1
+    # multi-scale (ratios 0.5 and 0.75 fall below the 64 window): upscaled by default, as the release does;
+    # --no-upscale-small runs them at their own size
+    ms_set = build_dataset("ade20k", toy_root, "val", mode="eval", n_cls=N_CLS, im_size=64, test_ratios=MS_RATIOS,
+                           test_flip=True)
+    for flag, upscale in (([], True), (["--no-upscale-small"], False)):
+        assert seg_eval.main([str(tmp_path / "full" / "checkpoint.pth"), "ade20k", "--data-root", str(toy_root),
+                              "--multiscale", "--num-workers", "0", "--device", "cpu", "--max-images", "1",
+                              *flag]) == 0
+        ms = yaml.safe_load((tmp_path / "full" / "scores_ms.yml").read_text())
+        assert ms["settings"]["multiscale"] is True and ms["num_images"] == 1
+        assert ms["settings"]["upscale_small"] is upscale
+        direct = evaluate_miou(model, ms_set, window_size=64, window_stride=32, max_images=1, upscale_small=upscale)
+        assert ms["mean_iou"] == pytest.approx(round(direct["mean_iou"], 2))
 
 
 def test_seed_command_fails_cleanly_without_dataset(toy_root, tmp_path, monkeypatch, capsys):
@@ -418,9 +574,14 @@ def test_seed_command_fails_cleanly_without_dataset(toy_root, tmp_path, monkeypa
     # a root without ADE20K in it
     assert seg_main.main(seed + ["--data-root", str(tmp_path)]) == 2
     assert "ADE20K not found under" in capsys.readouterr().err
-    # a dataset but no pretrained weights: refused rather than silently training the encoder from scratch
-    with pytest.raises(SystemExit, match="pass --pretrained-file .* or --from-scratch"):
-        seg_main.main(seed + ["--data-root", str(toy_root)])
+    # a dataset but no pretrained weights: refused (status 2, like every input error) rather than silently
+    # training the encoder from scratch; the message names the flag and the weights it must point at
+    assert seg_main.main(seed + ["--data-root", str(toy_root)]) == 2
+    err = capsys.readouterr().err
+    assert ("error: no encoder weights: pass --pretrained-file PATH, a local copy of timm's "
+            "vit_small_patch16_384.augreg_in21k_ft_in1k weights (.npz, .safetensors, or a .pth state dict with timm "
+            "names); nothing is downloaded. Or pass --from-scratch") in err
+    assert not (tmp_path / "log").exists()  # nothing written before the refusal
     with pytest.raises(FileNotFoundError, match=r"pretrained encoder file not found: .*vit_s\.npz"):
         seg_main.train(seg_main.parse_args(seed + ["--data-root", str(toy_root), "--n-cls", "4", "--device", "cpu",
                                                    "--pretrained-file", str(tmp_path / "vit_s.npz")]))
@@ -436,3 +597,82 @@ def test_config_files_parse_with_the_release_recipe():
         assert (args.dec_layers, args.dec_heads, args.dec_dim_head, args.rep_grid) == (3, 3, 100, [10, 10])
     with pytest.raises(SystemExit):
         seg_main.parse_args(["--config", str(REPO / "configs" / "segmentation" / "cbt_s.yaml")])  # no --log-dir
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rep_grid: 10\n", r"bad\.yaml: key 'rep_grid': expected a list, got 10"),
+    ("rep_grid: [10, 10, 10]\n", r"bad\.yaml: key 'rep_grid': expected 2 values, got 3"),
+    ("epochs: seven\n", r"bad\.yaml: key 'epochs': invalid value 'seven'"),
+    ("optimizer: adam\n", r"bad\.yaml: key 'optimizer': 'adam' is not one of"),
+    ("amp: 1\n", r"bad\.yaml: key 'amp': expected true or false"),
+    ("batchsize: 8\n", r"bad\.yaml: key 'batchsize' is not a setting"),
+    ("epochs: [1\n", r"cannot parse config file .*bad\.yaml \(YAML syntax error\)"),
+])
+def test_bad_config_file_is_a_clean_usage_error(tmp_path, capsys, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        seg_main.parse_args(["--config", str(tmp_path / "bad.yaml"), "--log-dir", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "usage:" in err and "Traceback" not in err
+
+
+def test_representative_grid_larger_than_the_crop_grid_fails_early(toy_root, tmp_path, capsys):
+    # crop 64 / patch 16 = 4x4 patches cannot be pooled to 5x5 representatives
+    i = TINY_ARGS.index("--rep-grid")
+    args = TINY_ARGS[:i] + ["--rep-grid", "5", "2"] + TINY_ARGS[i + 3:]
+    assert seg_main.main(args + ["--data-root", str(toy_root), "--log-dir", str(tmp_path / "run")]) == 2
+    assert ("crop size 64x64 with patch 16 gives a 4x4 patch grid, smaller than the decoder's representative grid "
+            "5x2") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    cfg = default_model_config("test", n_cls=3, crop_size=64, d_model=32, n_heads=2, n_layers=1,
+                               decoder=dict(n_layers=1, n_heads=2, dim_head=8, rep_grid=[2, 5]))
+    with pytest.raises(ValueError, match="4x4 patch grid, smaller than the decoder's representative grid 2x5"):
+        create_segmenter(cfg)
+
+
+def test_weight_decay_groups_follow_timm_create_optimizer():
+    model = tiny_model()
+    (single,) = seg_main.optimizer_param_groups(model, 0.0)  # wd 0: one group, as timm (and the release) builds it
+    assert single["params"] == list(model.parameters()) and single["weight_decay"] == 0.0
+    model.decoder.net.layers[0].norm.weight.requires_grad_(False)  # frozen: left out, as timm does
+    no_decay, decay = seg_main.optimizer_param_groups(model, 0.05)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    want_no_decay = {n for n, p in model.named_parameters() if p.requires_grad and
+                     (p.ndim == 1 or n.endswith(".bias") or n in {"encoder.pos_embed", "encoder.cls_token",
+                                                                   "decoder.cls_emb"})}
+    assert {names[id(p)] for p in no_decay["params"]} == want_no_decay
+    assert {"encoder.pos_embed", "encoder.cls_token", "decoder.cls_emb", "encoder.blocks.0.norm1.weight",
+            "encoder.blocks.0.attn.qkv.bias", "decoder.mask_norm.weight"} <= want_no_decay
+    got_decay = {names[id(p)] for p in decay["params"]}
+    assert {"encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight", "decoder.net.layers.0.fn.step_x",
+            "decoder.net.layers.0.fn.proj.weight"} <= got_decay
+    assert got_decay == {n for n, p in model.named_parameters() if p.requires_grad} - want_no_decay
+    assert "decoder.net.layers.0.norm.weight" not in got_decay | want_no_decay
+    # the optimizer keeps the groups' own decay: one SGD step from zero gradients moves only decayed weights
+    opt = build_optimizer("sgd", [no_decay, decay], 0.1, 0.0, momentum=0.0, nesterov=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in got_decay:
+            torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.05), atol=1e-7, rtol=1e-6, msg=n)
+        else:
+            assert torch.equal(p.detach(), before[n]), n
+
+
+def test_verify_data_flag_checks_every_pair_up_front(tmp_path, capsys):
+    root = make_toy_ade20k(tmp_path / "d", n_train=2, n_val=2)
+    lbl = root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_validation_00000001.png"
+    Image.fromarray(np.ones((10, 12), np.uint8)).save(lbl)  # size mismatch in a validation pair
+    args = TINY_ARGS + ["--data-root", str(root), "--log-dir", str(tmp_path / "run"), "--epochs", "1"]
+    assert seg_main.main(args + ["--verify-data"]) == 2
+    assert "ADE_validation_00000001.png is 12x10" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before any training
+    model = tiny_model()
+    save_model_checkpoint(model, tmp_path / "m.pth")
+    assert seg_eval.main([str(tmp_path / "m.pth"), "ade20k", "--data-root", str(root), "--num-workers", "0",
+                          "--device", "cpu", "--verify-data"]) == 2
+    assert "ADE_validation_00000001.png is 12x10" in capsys.readouterr().err

@@ -255,6 +255,31 @@ def test_non_square_grid_matches_reference_with_explicit_grid(tmp_path):
         torch.testing.assert_close(model(x), ref(x, explicit_grid=True), atol=1e-4, rtol=0)
 
 
+def test_encoder_dropout_reaches_every_segmenter_dropout_site():
+    """Segmenter's --dropout acts after pos_embed, on the attention weights, after the attention projection and
+    after both MLP layers; drop-path is separate."""
+    cfg = default_model_config("test", n_cls=3, crop_size=64, d_model=32, n_heads=2, n_layers=2, dropout=0.3,
+                               drop_path_rate=0.2, decoder=dict(n_layers=1, n_heads=2, dim_head=8, rep_grid=[2, 2]))
+    enc = create_segmenter(cfg).encoder
+    assert enc.pos_drop.p == 0.3
+    for blk in enc.blocks:
+        assert (blk.attn.attn_drop.p, blk.attn.proj_drop.p, blk.mlp.drop1.p, blk.mlp.drop2.p) == (0.3,) * 4
+    # drop-path rises linearly from 0 to --drop-path over the blocks
+    assert isinstance(enc.blocks[0].drop_path1, nn.Identity)
+    assert enc.blocks[1].drop_path1.drop_prob == pytest.approx(0.2)
+    # the dropout is live in training mode and off in eval mode
+    x = torch.randn(1, 3, 64, 64)
+    enc.train()
+    torch.manual_seed(0)
+    a = enc(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, enc(x))
+    enc.eval()
+    torch.testing.assert_close(enc(x), enc(x), atol=0, rtol=0)
+    plain = create_segmenter(_small_encoder_cfg(64)).encoder
+    assert (plain.pos_drop.p, plain.blocks[0].attn.attn_drop.p, plain.blocks[0].mlp.drop2.p) == (0.0, 0.0, 0.0)
+
+
 def test_release_decoder_parameter_counts():
     # official-code.md §4.1, by arithmetic: T 376,830; S 753,342; B 1,506,366; L 2,008,382.
     for d, expected in [(192, 376_830), (384, 753_342), (768, 1_506_366), (1024, 2_008_382)]:
@@ -320,6 +345,15 @@ def test_mismatching_variant_is_refused_naming_the_file(tmp_path):
     (tmp_path / "d" / "variant.yml").unlink()
     with pytest.raises(CheckpointError, match=r"variant file not found: .*d/variant\.yml"):
         load_model(path)
+    # a variant without the encoder's head count (or depth): refused, naming the variant file and the checkpoint
+    for key in ("n_heads", "n_layers"):
+        variant = _variant()
+        del variant["net_kwargs"][key]
+        path = _write_authors_checkpoint(tmp_path / f"no_{key}", ref, variant)
+        with pytest.raises(CheckpointMismatchError,
+                           match=rf"no_{key}/variant\.yml \(beside checkpoint .*no_{key}/checkpoint\.pth\) has no "
+                                 rf"net_kwargs\.{key}"):
+            load_model(path)
 
 
 def test_own_checkpoint_with_wrong_weights_is_refused(tmp_path):
@@ -393,7 +427,8 @@ def test_missing_or_unfit_pretrained_file_is_named(tmp_path):
     enc = create_segmenter(_small_encoder_cfg(64)).encoder
     with pytest.raises(FileNotFoundError, match=r"pretrained encoder file not found: .*nope\.npz"):
         load_pretrained_encoder(enc, tmp_path / "nope.npz")
-    wide = default_model_config("test", n_cls=3, crop_size=64, d_model=48, n_heads=2, n_layers=1)
+    wide = default_model_config("test", n_cls=3, crop_size=64, d_model=48, n_heads=2, n_layers=1,
+                                decoder=dict(rep_grid=[2, 2]))
     torch.save(create_segmenter(wide).encoder.state_dict(), tmp_path / "wide.pth")
     with pytest.raises(CheckpointMismatchError, match=r"(?s)wide\.pth does not fit the encoder.*cls_token"):
         load_pretrained_encoder(enc, tmp_path / "wide.pth")
