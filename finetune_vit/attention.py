@@ -246,7 +246,19 @@ class CBSAStarAttention(PooledRepresentativeAttention):
 
 
 class ReLULinearAttention(ConvertedAttention):
-    """Linear attention with the kernel φ(x) = ReLU(x) + 1e-6, normalised by φ(q)·mean φ(k)."""
+    """Linear attention with the kernel φ(x) = ReLU(x) + 1e-6, normalised by φ(q)·mean φ(k).
+
+    Not :class:`cbsa_core.layers.linear_attention.LinearAttention` (the from-scratch baseline of the benchmarks),
+    on purpose; the two must stay separate:
+
+    * The normaliser is the release's FLatten one (the commented-out class the authors' ViT code describes),
+      ``φ(q) (φ(k)ᵀ v / N) / (φ(q)·mean_N φ(k) + 1e-6)``. That equals ``φ(q) φ(k)ᵀ v / (φ(q)·Σ φ(k) + N·1e-6)``:
+      the constant is added after the mean, i.e. scaled by N, where the core layer adds none to ``φ(q)·Σ φ(k)``.
+    * It owns no parameters: it reuses the pretrained timm block's ``qkv``/``proj`` (and ``q_norm``/``k_norm``)
+      submodules under their timm names, so timm checkpoints load unchanged; the core layer creates its own.
+    * The kernel products run in fp32 under autocast (fp16 overflows in φ(k)ᵀv, FLatten issues #5 and #15),
+      because this module is fine-tuned with the release's fp16 AMP.
+    """
 
     kind = "linear"
 

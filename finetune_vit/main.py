@@ -17,9 +17,14 @@ clipping. Transforms follow the arch's size: RandomResizedCrop(S) + flip for tra
 + CenterCrop(S) for evaluation (224/256 and 384/438), normalised with ImageNet statistics as released
 (``--norm inception`` uses the augreg weights' own 0.5/0.5).
 
-Without ``--pretrained-file`` the weights are random (nothing is ever downloaded). Each epoch writes
-``checkpoint.pth.tar`` (and ``model_best.pth.tar``) atomically, ``log.jsonl`` and TensorBoard scalars to
-``--output-dir``.
+Without ``--pretrained-file`` the weights are random (nothing is ever downloaded). The authors' fine-tuned
+files (``{'state_dict': {'module.' ...}, 'best_acc1', ...}``) switch on the legacy token layout they were trained
+with, unless ``--no-legacy-token-layout`` is given; on ``--resume`` the checkpoint's layout always wins.
+
+The epoch loop is the classification track's, :func:`cbsa_core.engine.fit`: each epoch writes
+``checkpoint.pth.tar`` (and ``model_best.pth.tar``) atomically, ``log.jsonl``, ``config.yaml`` and TensorBoard
+scalars to ``--output-dir``. Settings: argparse defaults, then ``--config <yaml>`` (keys are the long flags with
+``-`` or ``_``, checked like the flags), then the command line.
 """
 from __future__ import annotations
 
@@ -29,23 +34,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 if not __package__:  # `python main.py` inside finetune_vit/: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import yaml  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
 from cbsa_core.checkpoint import CheckpointError  # noqa: E402
 from cbsa_core.data.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, DatasetError,  # noqa: E402
                                         build_imagefolder, classification_transforms)
-from cbsa_core.engine import (PRECISIONS, JsonlLogger, ShardedEvalSampler, TensorBoardLogger,  # noqa: E402
-                              WarmupCosineLambda, build_lambda_scheduler, build_optimizer, capture_rng_state,
-                              cleanup_distributed, epoch_seed, evaluate_classifier, init_distributed,
-                              load_training_checkpoint, make_grad_scaler, make_train_sampler,
-                              save_training_checkpoint, seed_everything, setup_logging, train_one_epoch,
+from cbsa_core.engine import (PRECISIONS, ConfigError, NonFiniteLossError, WarmupCosineLambda,  # noqa: E402
+                              build_lambda_scheduler, build_optimizer, cleanup_distributed, evaluate_classifier,
+                              fit, init_distributed, load_training_checkpoint, make_eval_loader, make_grad_scaler,
+                              make_train_loader, parse_args_with_config, seed_everything, setup_logging,
                               unwrap_model, wrap_ddp)
 from finetune_vit.attention import BROADCAST_CHOICES  # noqa: E402
 from finetune_vit.convert import ATTENTION_CHOICES, set_legacy_token_layout  # noqa: E402
@@ -59,6 +61,21 @@ _LOG = logging.getLogger("finetune_vit")
 NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 # The release's evaluation crop ratio: 224/256 and 384/438 are both ⌊S/0.875⌋.
 EVAL_CROP_PCT = 0.875
+# Settings a resumed or evaluated checkpoint must share with the run: its weights depend on them, and a
+# checkpoint of another variant has the same keys, so it would load silently.
+RESUME_MUST_MATCH = ("arch", "attention", "rep_grid", "layers", "broadcast", "norm")
+
+
+def _json_object(value: Any) -> Dict[str, Any]:
+    """``--model-kwargs``: a JSON object on the command line, or a mapping in a config file."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, Mapping):
+        raise argparse.ArgumentTypeError(f"expected a JSON object (mapping), got {value!r}")
+    return dict(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,18 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local timm weights (.npz, .safetensors or .pth); without it the weights are random")
     p.add_argument("--rep-grid", type=int, nargs=2, default=[8, 8], metavar=("RH", "RW"),
                    help="grid of pooled representatives (m = RH*RW)")
-    p.add_argument("--legacy-token-layout", action="store_true",
-                   help="pool the first h*w tokens like the release's X_q[:, :-1] (off-by-one incl. [CLS])")
+    p.add_argument("--legacy-token-layout", action=argparse.BooleanOptionalAction, default=None,
+                   help="pool the first h*w tokens like the release's X_q[:, :-1] (off-by-one incl. [CLS]); "
+                        "default: on for the authors' fine-tuned files, off otherwise")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="block indices to convert (default: all)")
     p.add_argument("--broadcast", default="transpose", choices=BROADCAST_CHOICES,
                    help="CBSA* broadcast: transposed extraction matrix, or the release's separate softmax")
-    p.add_argument("--model-kwargs", default=None,
+    p.add_argument("--model-kwargs", type=_json_object, default={},
                    help="JSON object passed to timm.create_model, e.g. '{\"drop_path_rate\": 0.1}'")
     p.add_argument("--norm", default="imagenet", choices=tuple(NORMS),
                    help="input normalisation: ImageNet mean/std (as released) or 0.5/0.5 (the augreg weights')")
     p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--warmup-epochs", type=int, default=10)
+    p.add_argument("--stop-epoch", type=int, default=None,
+                   help="stop before this epoch without changing the schedule (e.g. a job time limit)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="global batch size (all processes)")
     p.add_argument("--optimizer", default="adamw", type=str.lower, choices=("adamw", "lion", "sgd"))
     p.add_argument("--lr", "--learning-rate", type=float, default=5e-5, dest="lr")
@@ -105,48 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_config(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file not found: {file}")
-    with open(file, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"config file {file} must hold a mapping of option names to values")
-    dests = {a.dest for a in parser._actions}
-    out = {}
-    for key, value in cfg.items():
-        dest = str(key).replace("-", "_")
-        dest = {"learning_rate": "lr"}.get(dest, dest)
-        if dest not in dests or dest in ("help", "config"):
-            raise ValueError(f"config file {file}: unknown option {key!r}")
-        if dest == "model_kwargs" and isinstance(value, dict):
-            value = json.dumps(value)
-        out[dest] = value
-    return out
-
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Defaults, then ``--config`` file, then command line. Bad settings exit through ``parser.error``."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**_load_config(parser, pre.config))
-    args = parser.parse_args(argv)
-    # argparse checks choices of command-line values only; config values are checked here.
-    for dest, valid in (("arch", VIT_ARCHS), ("attention", ATTENTION_CHOICES), ("norm", tuple(NORMS)),
-                        ("broadcast", BROADCAST_CHOICES), ("precision", ("auto",) + PRECISIONS)):
-        if getattr(args, dest) not in valid:
-            parser.error(f"invalid --{dest.replace('_', '-')} {getattr(args, dest)!r}; valid: {', '.join(valid)}")
-    args.optimizer = str(args.optimizer).lower()
-    if args.model_kwargs is None:
-        args.model_kwargs = {}
-    elif isinstance(args.model_kwargs, str):
-        try:
-            args.model_kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as e:
-            parser.error(f"--model-kwargs is not valid JSON: {e}")
-    if not isinstance(args.model_kwargs, dict):
-        parser.error("--model-kwargs must be a JSON object")
+    args = parse_args_with_config(parser, argv)
     if args.data is None:
         parser.error("--data is required (an ImageFolder root with train/ and val/)")
     for dest in ("epochs", "batch_size", "print_freq"):
@@ -167,19 +149,46 @@ def _transforms(image_size, norm: str):
                                      eval_crop=(h, w), mean=mean, std=std)
 
 
-def _model_config(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
-    return dict(arch=args.arch, attention=args.attention, rep_grid=list(args.rep_grid),
-                legacy_token_layout=bool(args.legacy_token_layout), layers=args.layers, broadcast=args.broadcast,
-                model_kwargs=dict(args.model_kwargs), num_classes=num_classes, norm=args.norm)
+def _model_config(args: argparse.Namespace, num_classes: int, model) -> Dict[str, Any]:
+    """What the weights were trained with, read from the converted model (not from the flags)."""
+    adaptation = model.vit_adaptation
+    return dict(arch=args.arch, attention=adaptation["attention"], rep_grid=list(adaptation["rep_grid"]),
+                legacy_token_layout=bool(adaptation["legacy_token_layout"]), layers=list(adaptation["layers"]),
+                broadcast=adaptation["broadcast"], model_kwargs=dict(args.model_kwargs), num_classes=num_classes,
+                norm=args.norm)
 
 
-def _check_resumed_config(ckpt: Dict[str, Any], config: Dict[str, Any], path: str) -> None:
+def _comparable(key: str, value: Any, depth: int) -> Any:
+    if key == "layers":  # None means every block; the order of the indices does not matter
+        return sorted(range(depth) if value is None else value)
+    if key == "rep_grid":
+        return list(value)
+    return value
+
+
+def _check_resumed_config(ckpt: Dict[str, Any], config: Dict[str, Any], path: str, depth: int) -> None:
     """A checkpoint of another attention variant has the same keys and would load silently: refuse it."""
     saved = ckpt.get("model_config") or {}
-    for key in ("arch", "attention", "rep_grid", "layers", "broadcast"):
-        if key in saved and saved[key] != config[key]:
+    for key in RESUME_MUST_MATCH:
+        if key in saved and _comparable(key, saved[key], depth) != _comparable(key, config[key], depth):
             raise CheckpointError(f"checkpoint {path} was trained with {key}={saved[key]!r}, but this run uses "
                                   f"{key}={config[key]!r}; pass the same options to resume or evaluate it")
+
+
+def _resumed_token_layout(ckpt: Dict[str, Any], args: argparse.Namespace) -> bool:
+    """The layout the resumed weights were trained with; a disagreeing flag is overruled with a warning."""
+    if ckpt.get("format") != "cbsa":
+        # The authors' fine-tuned ViTs pooled X_q[:, :-1] (official-code.md item 28).
+        _LOG.warning("%s is not in this project's format: treating it as the authors' release and switching "
+                     "on the legacy token layout", args.resume)
+        legacy = True
+    else:
+        legacy = bool((ckpt.get("model_config") or {}).get("legacy_token_layout", False))
+    if args.legacy_token_layout is not None and args.legacy_token_layout != legacy:
+        _LOG.warning("--%slegacy-token-layout is overruled: the weights in %s were trained with "
+                     "legacy_token_layout=%s, which the resumed run keeps", "" if args.legacy_token_layout else "no-",
+                     args.resume, legacy)
+    return legacy
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -197,9 +206,8 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
     device = dist_info.device
     precision = ("fp16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     if args.batch_size % dist_info.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} does not divide over {dist_info.world_size} processes")
+        raise ConfigError(f"--batch-size {args.batch_size} does not divide over {dist_info.world_size} processes")
     seed_everything(args.seed, dist_info.rank)
-    out_dir = Path(args.output_dir)
 
     # The class folders fix the classifier size; the transforms are set once the model gives the image size.
     train_ds, val_ds = build_imagefolder(args.data, bad_images=args.bad_images)
@@ -214,22 +222,13 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
                        broadcast=args.broadcast, model_kwargs=args.model_kwargs)
     image_size = image_size_of(model)
     train_ds.transform, val_ds.transform = _transforms(image_size, args.norm)
-    config = _model_config(args, num_classes)
     gflops = model_flops(model, image_size)["total"] / 1e9
     n_params = sum(p.numel() for p in model.parameters())
     _LOG.info("%s with %s attention: %.3gM parameters, %.3g GFLOPs (2xMACs) at %dx%d, %d classes, %s",
               args.arch, args.attention, n_params / 1e6, gflops, *image_size, num_classes, precision)
 
     per_rank_batch = args.batch_size // dist_info.world_size
-    pin = device.type == "cuda"
-    train_sampler = make_train_sampler(train_ds, dist_info, args.seed, epoch=0)
-    train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler, shuffle=False,
-                              num_workers=args.workers, pin_memory=pin, drop_last=False,
-                              persistent_workers=args.workers > 0)
-    val_loader = DataLoader(val_ds, batch_size=per_rank_batch, shuffle=False, num_workers=args.workers,
-                            pin_memory=pin, sampler=ShardedEvalSampler(len(val_ds), dist_info.rank,
-                                                                       dist_info.world_size))
-
+    val_loader = make_eval_loader(val_ds, dist_info, batch_size=per_rank_batch, workers=args.workers)
     model = wrap_ddp(model, dist_info, sync_bn=False)
     net = unwrap_model(model)
     criterion = LabelSmoothingCrossEntropy(smoothing=args.label_smooth)
@@ -243,14 +242,8 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
         ckpt = load_training_checkpoint(args.resume, model=net, optimizer=None if args.evaluate else optimizer,
                                         scheduler=None if args.evaluate else scheduler,
                                         scaler=None if args.evaluate else scaler, restore_rng=not args.evaluate)
-        _check_resumed_config(ckpt, config, args.resume)
-        if ckpt.get("format") != "cbsa":
-            # The authors' fine-tuned ViTs pooled X_q[:, :-1] (official-code.md item 28).
-            _LOG.warning("%s is not in this project's format: treating it as the authors' release and switching "
-                         "on the legacy token layout", args.resume)
-            set_legacy_token_layout(net, True)
-        else:
-            set_legacy_token_layout(net, bool(ckpt["model_config"].get("legacy_token_layout", False)))
+        _check_resumed_config(ckpt, _model_config(args, num_classes, net), args.resume, len(net.blocks))
+        set_legacy_token_layout(net, _resumed_token_layout(ckpt, args))
         start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
         planned = getattr(scheduler.lr_lambdas[0], "epochs", args.epochs)
         if not args.evaluate and planned != args.epochs:
@@ -265,51 +258,26 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
                   flush=True)
         return dict(val=metrics, best_top1=best, epochs_run=0)
 
-    if start_epoch >= args.epochs:
-        _LOG.warning("the checkpoint already finished epoch %d of %d: nothing to train", start_epoch, args.epochs)
-    jsonl = JsonlLogger(out_dir / "log.jsonl", enabled=dist_info.is_main)
-    tb = TensorBoardLogger(out_dir / "tensorboard", enabled=not args.no_tensorboard and dist_info.is_main)
-    ckpt_path, best_path = out_dir / "checkpoint.pth.tar", out_dir / "model_best.pth.tar"
-    metrics: Dict[str, Any] = {}
-    epochs_run = 0
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            # The augmentation stream depends only on (seed, epoch, rank), so a resumed run repeats it exactly.
-            seed_everything(epoch_seed(args.seed, epoch, dist_info.rank))
-            train_sampler.set_epoch(epoch)
-            train = train_one_epoch(model, train_loader, criterion, optimizer, epoch=epoch, epochs=args.epochs,
-                                    device=device, scaler=scaler, precision=precision, clip_grad=args.clip_grad,
-                                    print_freq=args.print_freq, dist_info=dist_info, checkpoint_path=ckpt_path,
-                                    log_fn=lambda values, step: tb.scalars(values, step, prefix="train_step/"))
-            metrics = evaluate_classifier(model, val_loader, criterion, device=device, dist_info=dist_info)
-            scheduler.step()
-            is_best = best is None or metrics["top1"] > best
-            best = metrics["top1"] if is_best else best
-            epochs_run += 1
-            if dist_info.is_main:
-                print(f" * epoch {epoch} Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} "
-                      f"(best {best:.3f})", flush=True)
-                record = dict(epoch=epoch, train=train, val=metrics, lr=train["lr"], best_top1=best)
-                jsonl.log(record)
-                tb.scalars(dict(loss=train["loss"], top1=train["top1"], lr=train["lr"]), epoch, prefix="train/")
-                tb.scalars(metrics, epoch, prefix="val/")
-                rng = capture_rng_state()
-                state = dict(model=model, arch=args.arch, model_config=config, optimizer=optimizer,
-                             scheduler=scheduler, scaler=scaler, epoch=epoch, best_metric=best, config=args,
-                             rng_state=rng)
-                save_training_checkpoint(ckpt_path, **state)
-                if is_best:
-                    save_training_checkpoint(best_path, **state)
-    finally:
-        tb.close()
-    return dict(val=metrics, best_top1=best, epochs_run=epochs_run)
+    # Recorded from the model, after any resume switched its token layout, so the files say what was trained.
+    model_config = _model_config(args, num_classes, net)
+    config = dict(vars(args), legacy_token_layout=model_config["legacy_token_layout"], precision=precision,
+                  world_size=dist_info.world_size, num_classes=num_classes)
+    train_loader = make_train_loader(train_ds, dist_info, batch_size=per_rank_batch, workers=args.workers,
+                                     seed=args.seed, epoch=start_epoch)
+    return fit(model, train_loader=train_loader, val_loader=val_loader, criterion=criterion, optimizer=optimizer,
+               scheduler=scheduler, scaler=scaler, dist_info=dist_info, output_dir=args.output_dir, seed=args.seed,
+               epochs=args.epochs, start_epoch=start_epoch, stop_epoch=args.stop_epoch, best_metric=best,
+               precision=precision, clip_grad=args.clip_grad, print_freq=args.print_freq,
+               tensorboard=not args.no_tensorboard, arch=args.arch, model_config=model_config, config=config,
+               start_info={"attention": args.attention, "params": n_params, "resume": args.resume,
+                           "pretrained_file": pretrained})
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """Command-line entry: user errors print one line and exit with status 2."""
     try:
         main(argv)
-    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, DatasetError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

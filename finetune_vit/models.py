@@ -14,12 +14,18 @@ formats:
 A file that does not fit the architecture is refused with the mismatching keys and shapes. Two differences
 are tolerated, as in timm's pretrained loading: another input resolution (the position embedding is
 resampled) and another number of classes (the classifier is left at its fresh initialisation).
+
+The authors' fine-tuned ViTs (``{'state_dict': {'module.' + key: ...}, 'arch', 'best_acc1', ...}``) were trained
+with the release's ``X_q[:, :-1]`` pooling (official-code.md item 28): :func:`create_vit` switches the legacy token
+layout on for them unless told otherwise.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -29,7 +35,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from cbsa_core.checkpoint import CheckpointError, check_state_dict, read_checkpoint, strip_prefix
+from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, check_state_dict, checkpoint_kind,
+                                  read_checkpoint, strip_prefix)
 
 from .convert import convert_vit
 
@@ -52,12 +59,15 @@ def image_size_of(model: VisionTransformer) -> Tuple[int, int]:
 
 def create_vit(arch: str, *, attention: str = "cbsa_vee", num_classes: Optional[int] = None,
                pretrained_file: Optional[str | os.PathLike] = None, rep_grid: Sequence[int] = (8, 8),
-               legacy_token_layout: bool = False, layers: Optional[Sequence[int]] = None,
+               legacy_token_layout: Optional[bool] = None, layers: Optional[Sequence[int]] = None,
                broadcast: str = "transpose", model_kwargs: Optional[Mapping[str, Any]] = None) -> VisionTransformer:
     """A timm ViT of ``arch`` with weights from ``pretrained_file`` (random when None), then converted.
 
     ``model_kwargs`` are passed on to ``timm.create_model`` (e.g. ``img_size``, ``depth``, ``embed_dim``,
     ``num_heads``, ``drop_path_rate``, ``dynamic_img_size``) and override the arch's defaults.
+
+    ``legacy_token_layout``: True/False forces the pooling layout; None (default) follows the weights file: on for
+    the authors' fine-tuned release files (and this project's checkpoints trained with it), off otherwise.
     """
     if arch not in VIT_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(VIT_ARCHS)}")
@@ -74,18 +84,39 @@ def create_vit(arch: str, *, attention: str = "cbsa_vee", num_classes: Optional[
         raise ValueError(f"cannot build {arch} with model_kwargs {kwargs}: {e}") from e
     model.arch = arch
     image_size_of(model)
+    file_layout = None
     if pretrained_file is None:
         _LOG.info("%s: no pretrained_file, the weights are random (nothing is downloaded)", arch)
     else:
-        load_pretrained_file(model, pretrained_file)
-    return convert_vit(model, attention, rep_grid=rep_grid, layers=layers, legacy_token_layout=legacy_token_layout,
+        file_layout = load_pretrained_file(model, pretrained_file)
+    legacy = _resolve_token_layout(legacy_token_layout, file_layout, pretrained_file, attention)
+    return convert_vit(model, attention, rep_grid=rep_grid, layers=layers, legacy_token_layout=legacy,
                        broadcast=broadcast)
 
 
-def load_pretrained_file(model: VisionTransformer, path: str | os.PathLike) -> None:
+def _resolve_token_layout(requested: Optional[bool], file_layout: Optional[bool], path, attention: str) -> bool:
+    pooled = attention in ("cbsa_vee", "cbsa_star")  # the only variants that pool a token grid
+    if requested is None:
+        if file_layout and pooled:
+            _LOG.info("%s holds the authors' fine-tuned weights (trained with the release's X_q[:, :-1] pooling): "
+                      "switching on the legacy token layout (pass --no-legacy-token-layout to keep the corrected "
+                      "one)", path)
+        return bool(file_layout)
+    if file_layout is not None and bool(requested) != bool(file_layout) and pooled:
+        _LOG.warning("%s was trained with legacy_token_layout=%s, but legacy_token_layout=%s was asked for: the "
+                     "pooled representatives will differ from the ones the weights were trained with", path,
+                     bool(file_layout), bool(requested))
+    return bool(requested)
+
+
+def load_pretrained_file(model: VisionTransformer, path: str | os.PathLike) -> Optional[bool]:
     """Load timm weights from a local ``.npz``, ``.safetensors`` or torch file into ``model`` (in place).
 
-    Raises :class:`CheckpointError` naming the file when it is missing or of an unknown kind, and
+    Returns the token layout the file says its weights were trained with: True for the authors' release files
+    (``checkpoint_kind`` ``authors_classification``), this project's recorded ``legacy_token_layout`` for its own
+    checkpoints, None for plain timm weights (which carry no converted attention).
+
+    Raises :class:`CheckpointError` naming the file when it is missing, unreadable or of an unknown kind, and
     :class:`cbsa_core.checkpoint.CheckpointMismatchError` when it belongs to another architecture.
     """
     path = Path(path)
@@ -99,14 +130,30 @@ def load_pretrained_file(model: VisionTransformer, path: str | os.PathLike) -> N
     if suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"pretrained weights file {path}: unknown kind {suffix!r}; "
                               f"expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    layout = None
     if suffix == ".npz":
         _load_npz(model, path)
     else:
-        _load_state_dict_file(model, path, suffix)
+        layout = _load_state_dict_file(model, path, suffix)
     _LOG.info("%s: loaded pretrained weights from %s", arch, path)
+    return layout
 
 
-def _load_state_dict_file(model: VisionTransformer, path: Path, suffix: str) -> None:
+def _file_token_layout(ckpt: Mapping[str, Any]) -> Optional[bool]:
+    try:
+        kind = checkpoint_kind(ckpt)
+    except CheckpointError:  # e.g. a DeiT-style {'model': state_dict} wrapper: plain weights
+        return None
+    if kind == "authors_classification":
+        return True
+    if kind == "cbsa":
+        saved = (ckpt.get("model_config") or {}).get("legacy_token_layout")
+        return None if saved is None else bool(saved)
+    return None
+
+
+def _load_state_dict_file(model: VisionTransformer, path: Path, suffix: str) -> Optional[bool]:
+    layout = None
     if suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -116,6 +163,7 @@ def _load_state_dict_file(model: VisionTransformer, path: Path, suffix: str) -> 
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
     else:
         ckpt = read_checkpoint(path)
+        layout = _file_token_layout(ckpt)
         for key in ("state_dict", "model"):
             if isinstance(ckpt.get(key), Mapping):
                 ckpt = ckpt[key]
@@ -129,6 +177,7 @@ def _load_state_dict_file(model: VisionTransformer, path: Path, suffix: str) -> 
     # Everything else must match key for key and shape for shape; the error lists all differences.
     check_state_dict(model, state_dict, strict=True, source=source)
     model.load_state_dict(state_dict, strict=True)
+    return layout
 
 
 def _fit_pos_embed(model: VisionTransformer, state_dict: Dict[str, torch.Tensor], source: str) -> None:
@@ -167,18 +216,40 @@ def _fit_head(state_dict: Dict[str, torch.Tensor], expected: Mapping[str, torch.
 _NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")
 
 
+def _npz_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """``{array name: shape}`` of an ``.npz`` archive, from each member's ``.npy`` header only.
+
+    Only the first bytes of every member are decompressed, instead of the whole (multi-GB) arrays. A file that is
+    not a zip archive, or is truncated (its central directory is at the end), raises :class:`CheckpointError`.
+    """
+    fmt = np.lib.format
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = fmt.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, _ = fmt.read_array_header_1_0(member)
+                    else:  # 2.0, and 3.0 (the same header, utf-8 field names; plain float arrays read alike)
+                        shape, _, _ = fmt.read_array_header_2_0(member)
+                shapes[info.filename[:-len(".npy")]] = tuple(int(d) for d in shape)
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"cannot read pretrained weights file {path}: not a readable numpy .npz archive "
+                              f"(truncated or corrupt?): {type(e).__name__}: {e}") from e
+    return shapes
+
+
 def _load_npz(model: VisionTransformer, path: Path) -> None:
     """timm's JAX/Flax loader, after checking the archive's shapes against the model.
 
     timm's loader would silently resample a different patch size and ignore surplus blocks, so width,
-    patch size, depth, heads and MLP width are compared first.
+    patch size, depth, heads and MLP width are compared first (from the array headers, see :func:`_npz_shapes`).
     """
     source = f"pretrained weights file {path}"
-    try:
-        with np.load(path, allow_pickle=False) as w:
-            shapes = {k: tuple(w[k].shape) for k in w.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"cannot read {source}: not a numpy .npz archive ({e})") from e
+    shapes = _npz_shapes(path)
     prefix = next((p for p in _NPZ_PREFIXES if f"{p}embedding/kernel" in shapes), None)
     if prefix is None:
         raise CheckpointError(f"{source} is not a JAX/Flax ViT checkpoint (no 'embedding/kernel' array)")
@@ -209,13 +280,13 @@ def _load_npz(model: VisionTransformer, path: Path) -> None:
         problems.append(f"MLP kernel {dense} vs model MLP width {hidden}")
     if problems:
         arch = getattr(model, "arch", type(model).__name__)
-        raise CheckpointError(f"{source} does not match model '{arch}': " + "; ".join(problems)
-                              + " (is it a checkpoint of another architecture?)")
+        raise CheckpointMismatchError(f"{source} does not match model '{arch}': " + "; ".join(problems)
+                                      + " (is it a checkpoint of another architecture?)")
     head = shapes.get(f"{prefix}head/bias")
     if head is not None and head[-1] != model.num_classes:
         _LOG.warning("%s has a %d-class classifier; the model's %d-class head keeps its fresh initialisation",
                      source, head[-1], model.num_classes)
     try:
         model.load_pretrained(str(path))
-    except (KeyError, RuntimeError, ValueError) as e:
+    except (KeyError, RuntimeError, ValueError, zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
         raise CheckpointError(f"{source}: timm's npz loader failed: {type(e).__name__}: {e}") from e

@@ -12,7 +12,9 @@ Recipe (paper §6, official-code.md §1.1.5): label-smoothed CE, Lion with one p
 everything), the release's per-epoch warm-up/cosine ``LambdaLR`` stepped after validation, fp16 autocast + GradScaler
 on CUDA, fp32 validation. Departures from the release, all fixes of its bugs: the schedule (warm-up included) is
 restored on ``--resume`` (item 13), outputs go to ``--output-dir`` instead of the CWD (item 17), validation is exact
-under DDP, the train metrics are all-reduced, and a NaN/Inf loss stops the run.
+under DDP, the train metrics are all-reduced, and a NaN/Inf loss stops the run. The epoch loop, loaders and config
+file machinery are the engine's (:func:`cbsa_core.engine.fit`, :mod:`cbsa_core.engine.config`), shared with the ViT
+track.
 
 ``--batch-size`` is the total batch per node, as released: each of the node's processes gets
 ``batch_size // LOCAL_WORLD_SIZE`` images per step (and ``ceil(workers / LOCAL_WORLD_SIZE)`` loader workers).
@@ -34,44 +36,35 @@ import argparse
 import json
 import logging
 import os
-import time
 import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import yaml
-from torch.utils.data import DataLoader
 
 from cbsa_core import create_model, list_models
 from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, extract_state_dict, load_checkpoint,
                                   read_checkpoint)
-from cbsa_core.engine import (DistInfo, JsonlLogger, NonFiniteLossError, ShardedEvalSampler, TensorBoardLogger,
-                              WarmupCosineLambda, autocast_context, broadcast_object, build_lambda_scheduler,
-                              build_optimizer, cleanup_distributed, epoch_seed, evaluate_classifier, format_eta,
-                              init_distributed, load_training_checkpoint, make_grad_scaler, make_train_sampler,
-                              save_training_checkpoint, seed_everything, setup_logging, train_one_epoch,
+from cbsa_core.engine import (BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_JSONL, ConfigError, DistInfo,
+                              NonFiniteLossError, WarmupCosineLambda, autocast_context, broadcast_object,
+                              build_lambda_scheduler, build_optimizer, cleanup_distributed, evaluate_classifier, fit,
+                              init_distributed, load_training_checkpoint, make_eval_loader, make_grad_scaler,
+                              make_train_loader, parse_args_with_config, seed_everything, setup_logging,
                               unwrap_model, wrap_ddp)
 from cbsa_core.registry import ALIASES
 from image_classification.data import DATASETS, DatasetError, build_datasets
 
 __all__ = ["ConfigError", "build_parser", "parse_args", "main", "cli", "build_criterion", "load_finetune_weights",
-           "sync_buffers_from_rank0", "LAST_CHECKPOINT", "BEST_CHECKPOINT", "EVAL_JSON", "LOG_JSONL"]
+           "LAST_CHECKPOINT", "BEST_CHECKPOINT", "EVAL_JSON", "LOG_JSONL"]
 
 _LOG = logging.getLogger("image_classification")
 
-LAST_CHECKPOINT = "checkpoint.pth.tar"
-BEST_CHECKPOINT = "model_best.pth.tar"
 EVAL_JSON = "eval.json"
-LOG_JSONL = "log.jsonl"
 OPTIMIZER_NAMES = {"lion": "Lion", "adamw": "AdamW"}
 # Model overrides that create_model accepts (CBT constructor arguments other than num_classes).
 MODEL_OVERRIDE_KEYS = ("image_size", "patch_size", "depth", "dim", "heads", "dim_head", "rep_grid", "in_chans",
                        "attn", "legacy_token_layout")
-
-
-class ConfigError(ValueError):
-    """The settings are inconsistent (config file, flags, output folder or device)."""
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
@@ -135,72 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_key_map(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
-    """Every spelling a YAML key may use: dest names and long flags with '-' or '_'."""
-    keys: Dict[str, argparse.Action] = {}
-    for action in parser._actions:
-        if action.dest in ("help", "config", "model_override"):
-            continue
-        keys[action.dest] = action
-        for opt in action.option_strings:
-            # A negated flag (--no-tensorboard) is only spelt by its dest: `no_tensorboard: true` would read as
-            # the opposite of what it sets.
-            if opt.startswith("--") and not opt.startswith("--no-"):
-                keys[opt[2:].replace("-", "_")] = action
-    return keys
-
-
-def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
-    """Run a YAML value through the flag's type and choices, as if it had been typed on the command line."""
-    if value is None:
-        return None
-    try:
-        if action.nargs not in (None, "?") and action.type is not None:
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{where}: expected a list, got {value!r}")
-            if isinstance(action.nargs, int) and len(value) != action.nargs:
-                raise ConfigError(f"{where}: expected {action.nargs} values, got {len(value)}")
-            value = [action.type(v) for v in value]
-        elif isinstance(action, (argparse._StoreConstAction, argparse.BooleanOptionalAction)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        elif action.type is not None:
-            value = action.type(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{where}: invalid value {value!r}: {e}") from None
-    if action.choices is not None and value not in action.choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
-    return value
-
-
-def load_config_file(parser: argparse.ArgumentParser, path: str) -> Dict[str, Any]:
-    """Parser defaults from a YAML file; unknown keys and bad values raise :class:`ConfigError` naming the file."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file not found: {file}")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse config file {file}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {file} must hold a mapping of settings, got {type(raw).__name__}")
-    keys = _yaml_key_map(parser)
-    out: Dict[str, Any] = {}
-    for key, value in raw.items():
-        where = f"{file}: key '{key}'"
-        if key == "model":
-            out["model"] = _check_model_overrides(value, where)
-            continue
-        action = keys.get(str(key).replace("-", "_"))
-        if action is None:
-            valid = sorted(k for k in keys if k == keys[k].dest) + ["model"]
-            raise ConfigError(f"{where} is not a setting; valid keys: {', '.join(valid)}")
-        out[action.dest] = _coerce(action, value, where)
-    return out
-
-
 def _check_model_overrides(value: Any, where: str) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping of create_model overrides, got {value!r}")
@@ -220,17 +147,10 @@ def _check_model_overrides(value: Any, where: str) -> Dict[str, Any]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Defaults, then ``--config`` file, then command line. Bad settings exit through ``parser.error``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        try:
-            parser.set_defaults(**load_config_file(parser, known.config))
-        except ConfigError as e:
-            parser.error(str(e))
-    args = parser.parse_args(argv)
+    # `model:` holds create_model overrides; --model-override is the command line's way to add to them.
+    args = parse_args_with_config(parser, argv, sections={"model": _check_model_overrides},
+                                  exclude=("model_override",))
 
     if args.arch not in list_models():
         parser.error(f"unknown --arch {args.arch!r}; valid names: {', '.join(list_models())}")
@@ -314,39 +234,6 @@ def build_criterion(label_smoothing: float) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
-def sync_buffers_from_rank0(model: nn.Module, dist_info: DistInfo) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics) before validation.
-
-    TODO(engine): belongs in cbsa_core.engine (evaluate_classifier or wrap_ddp's docs). Without SyncBatchNorm
-    (gloo on CPU) each rank updates its running statistics from its own batches, so after an epoch the ranks hold
-    different ones. Validation must use the statistics that are saved (rank 0's), or the distributed metric would
-    not describe the checkpoint. Under SyncBatchNorm the broadcast changes nothing.
-    """
-    if not dist_info.distributed:
-        return
-    for buf in unwrap_model(model).buffers():
-        torch.distributed.broadcast(buf, src=0)
-
-
-def _make_loaders(bundle, args: argparse.Namespace, dist_info: DistInfo, seed: int, start_epoch: int,
-                  per_process_batch: int, workers: int):
-    pin = dist_info.device.type == "cuda"
-    train_sampler = make_train_sampler(bundle.train, dist_info, seed=seed, epoch=start_epoch)
-    train_loader = DataLoader(bundle.train, batch_size=per_process_batch, sampler=train_sampler, shuffle=False,
-                              num_workers=workers, pin_memory=pin, drop_last=False)
-    # No persistent workers: fresh workers per epoch draw their seeds from the per-epoch reseeded RNG, which keeps
-    # a resumed run's augmentations identical to an uninterrupted one's.
-    val_loader = _make_val_loader(bundle, dist_info, per_process_batch, workers)
-    return train_sampler, train_loader, val_loader
-
-
-def _make_val_loader(bundle, dist_info: DistInfo, per_process_batch: int, workers: int) -> DataLoader:
-    # Exact validation: every image on exactly one rank, no padding, no dropping.
-    sampler = ShardedEvalSampler(len(bundle.val), dist_info.rank, dist_info.world_size)
-    return DataLoader(bundle.val, batch_size=per_process_batch, sampler=sampler, shuffle=False,
-                      num_workers=workers, pin_memory=dist_info.device.type == "cuda")
-
-
 def _skipped(dataset) -> int:
     return int(getattr(dataset, "skipped_count", 0))
 
@@ -421,12 +308,12 @@ def _run(args: argparse.Namespace, dist_info: DistInfo) -> Dict[str, Any]:
     optimizer = build_optimizer(args.optimizer, model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = build_lambda_scheduler(optimizer, WarmupCosineLambda(args.warmup_epochs, args.epochs))
     scaler = make_grad_scaler(device, precision)
-    start_epoch, best_acc1 = args.start_epoch, 0.0
+    start_epoch, best_acc1 = args.start_epoch, None
     if args.resume:
         ckpt = load_training_checkpoint(args.resume, model=model, optimizer=optimizer, scheduler=scheduler,
                                         scaler=scaler, restore_rng=True)
         start_epoch = ckpt["epoch"]
-        best_acc1 = ckpt["best_metric"] or 0.0
+        best_acc1 = ckpt["best_metric"]
         saved = ckpt.get("config") or {}
         if args.seed is None and isinstance(saved.get("seed"), int):
             seed = saved["seed"]  # same data order as the interrupted run
@@ -437,85 +324,26 @@ def _run(args: argparse.Namespace, dist_info: DistInfo) -> Dict[str, Any]:
                          "asks for %d / %d); the restored one is kept", args.resume, lam.epochs, lam.warmup_epochs,
                          args.epochs, args.warmup_epochs)
         if is_main:
-            _LOG.info("resumed from %s: next epoch %d, best top-1 %.3f", args.resume, start_epoch, best_acc1)
+            _LOG.info("resumed from %s: next epoch %d, best top-1 %s", args.resume, start_epoch, best_acc1)
     elif start_epoch:
         with warnings.catch_warnings():  # stepping before any optimizer.step() is intended here
             warnings.simplefilter("ignore")
             for _ in range(start_epoch):
                 scheduler.step()
-    end_epoch = args.epochs if args.stop_epoch is None else min(args.stop_epoch, args.epochs)
 
-    train_sampler, train_loader, val_loader = _make_loaders(bundle, args, dist_info, seed, start_epoch,
-                                                            per_process_batch, workers)
+    train_loader = make_train_loader(bundle.train, dist_info, batch_size=per_process_batch, workers=workers,
+                                     seed=seed, epoch=start_epoch)
+    val_loader = make_eval_loader(bundle.val, dist_info, batch_size=per_process_batch, workers=workers)
     config = _run_config(args, seed=seed, arch_canonical=arch, precision=precision,
                          per_process_batch=per_process_batch, world_size=dist_info.world_size,
                          num_classes=bundle.num_classes)
-    last_path, best_path = out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT
-    jsonl = JsonlLogger(out_dir / LOG_JSONL, enabled=is_main)
-    tb = TensorBoardLogger(out_dir / "tensorboard", enabled=is_main and args.tensorboard)
-    if is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config, default=str)),
-                                                            sort_keys=True))
-        jsonl.log({"event": "start", "arch": args.arch, "start_epoch": start_epoch, "epochs": args.epochs,
-                   "seed": seed, "world_size": dist_info.world_size, "precision": precision,
-                   "params": n_params, "resume": args.resume or None})
-
-    def log_steps(values: Dict[str, float], step: int) -> None:
-        tb.scalars(values, step, prefix="train_step/")
-
-    result: Dict[str, Any] = {"best_top1": best_acc1}
-    run_start = time.perf_counter()
-    try:
-        for epoch in range(start_epoch, end_epoch):
-            # Re-seeding per epoch makes the augmentation stream a function of (seed, epoch, rank) only, so a
-            # resumed run (single or multi-process) draws exactly what the uninterrupted one did.
-            seed_everything(epoch_seed(seed, epoch, dist_info.rank))
-            train_sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(
-                model, train_loader, criterion, optimizer, epoch=epoch, device=device, scaler=scaler,
-                precision=precision, clip_grad=args.clip_grad, print_freq=args.print_freq, log_fn=log_steps,
-                dist_info=dist_info, epochs=args.epochs,
-                checkpoint_path=last_path if last_path.exists() else None)
-            sync_buffers_from_rank0(model, dist_info)
-            val_stats = evaluate_classifier(model, val_loader, criterion, device=device, dist_info=dist_info)
-            scheduler.step()
-            is_best = val_stats["top1"] > best_acc1
-            best_acc1 = max(best_acc1, val_stats["top1"])
-            save_kwargs = dict(model=model, arch=arch, model_config=unwrap_model(model).model_config,
-                               optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                               best_metric=best_acc1, config=config, best_acc1=best_acc1)
-            if is_main:
-                save_training_checkpoint(last_path, **save_kwargs)
-                if is_best:
-                    save_training_checkpoint(best_path, **save_kwargs)
-            record = {"epoch": epoch, "lr": train_stats["lr"],
-                      **{f"train_{k}": v for k, v in train_stats.items() if k != "lr"},
-                      **{f"val_{k}": v for k, v in val_stats.items()}, "best_top1": best_acc1,
-                      "skipped_images": _skipped(bundle.train) + _skipped(bundle.val)}
-            jsonl.log(record)
-            tb.scalars({"loss": train_stats["loss"], "top1": train_stats["top1"] or 0.0, "lr": train_stats["lr"],
-                        "images_per_sec": train_stats["images_per_sec"]}, epoch, prefix="train/")
-            tb.scalars({k: val_stats[k] for k in ("loss", "top1", "top5")}, epoch, prefix="val/")
-            tb.flush()
-            if is_main:
-                done = epoch + 1 - start_epoch
-                eta = (time.perf_counter() - run_start) / done * (end_epoch - epoch - 1)
-                print(f"Epoch {epoch}/{args.epochs}: train loss {train_stats['loss']:.4f} "
-                      f"top1 {train_stats['top1'] or 0.0:.2f} | val loss {val_stats['loss']:.4f} "
-                      f"top1 {val_stats['top1']:.2f} top5 {val_stats['top5']:.2f} (best {best_acc1:.2f}) | "
-                      f"lr {train_stats['lr']:.2e} | {train_stats['images_per_sec']:.1f} img/s | "
-                      f"epoch {train_stats['epoch_time']:.1f}s | eta {format_eta(eta)}", flush=True)
-            result = {"best_top1": best_acc1, "last_epoch": epoch, "train": train_stats, "val": val_stats}
-    except NonFiniteLossError as e:
-        jsonl.log({"event": "non_finite_loss", "epoch": e.epoch, "step": e.step, "value": e.value,
-                   "checkpoint": str(e.checkpoint) if e.checkpoint else None})
-        raise
-    finally:
-        tb.close()
-    if is_main:
-        jsonl.log({"event": "end", "best_top1": best_acc1, "elapsed_s": time.perf_counter() - run_start})
-        print(f"Done: best val top-1 {best_acc1:.2f}% ; checkpoints in {out_dir}", flush=True)
-    return result
+    return fit(model, train_loader=train_loader, val_loader=val_loader, criterion=criterion, optimizer=optimizer,
+               scheduler=scheduler, scaler=scaler, dist_info=dist_info, output_dir=out_dir, seed=seed,
+               epochs=args.epochs, start_epoch=start_epoch, stop_epoch=args.stop_epoch, best_metric=best_acc1,
+               precision=precision, clip_grad=args.clip_grad, print_freq=args.print_freq,
+               tensorboard=args.tensorboard, arch=arch, model_config=unwrap_model(model).model_config,
+               config=config, start_info={"params": n_params, "resume": args.resume or None},
+               record_extra=lambda: {"skipped_images": _skipped(bundle.train) + _skipped(bundle.val)})
 
 
 def _evaluate_only(args: argparse.Namespace, dist_info: DistInfo, model: nn.Module, bundle,
@@ -527,7 +355,7 @@ def _evaluate_only(args: argparse.Namespace, dist_info: DistInfo, model: nn.Modu
     elif dist_info.is_main:
         _LOG.warning("--evaluate without --resume evaluates randomly initialised weights")
     model = model.to(dist_info.device)
-    val_loader = _make_val_loader(bundle, dist_info, per_process_batch, workers)
+    val_loader = make_eval_loader(bundle.val, dist_info, batch_size=per_process_batch, workers=workers)
     stats = evaluate_classifier(model, val_loader, criterion, device=dist_info.device, dist_info=dist_info,
                                 print_freq=args.print_freq)
     result = {"top1": stats["top1"], "top5": stats["top5"], "loss": stats["loss"],

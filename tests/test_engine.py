@@ -1,6 +1,7 @@
 """Tests of the shared training machinery (cbsa_core.engine): schedules, checkpoint/resume, loops, samplers, misc."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -15,11 +16,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+import yaml
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from cbsa_core.checkpoint import CheckpointError, atomic_save
+from cbsa_core.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from cbsa_core.engine import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    LOG_JSONL,
+    RUN_CONFIG,
     AverageMeter,
+    ConfigError,
     DistInfo,
     JsonlLogger,
     MetricLogger,
@@ -31,17 +38,23 @@ from cbsa_core.engine import (
     accuracy,
     all_reduce_sum,
     autocast_context,
+    broadcast_buffers,
     broadcast_object,
     build_lambda_scheduler,
     build_optimizer,
     capture_rng_state,
     epoch_seed,
     evaluate_classifier,
+    fit,
     format_eta,
     init_distributed,
+    load_config_file,
     load_training_checkpoint,
+    make_eval_loader,
     make_grad_scaler,
+    make_train_loader,
     make_train_sampler,
+    parse_args_with_config,
     restore_rng_state,
     save_training_checkpoint,
     seed_everything,
@@ -492,19 +505,32 @@ def test_jsonl_tensorboard_and_logging(tmp_path):
     TensorBoardLogger(tmp_path / "tb_off", enabled=False).scalar("x", 1.0, 0)
     assert not (tmp_path / "tb_off").exists()
 
+
+
+def test_setup_logging_is_idempotent_and_keeps_foreign_handlers(caplog, capsys):
+    """Entry points call setup_logging on every main(): pytest's capture (and an application's handlers) must
+    survive, and each line must be printed once."""
     root = logging.getLogger()
-    saved = (root.level, list(root.handlers))
+    saved_level, saved_handlers = root.level, list(root.handlers)
+    foreign = logging.StreamHandler(io.StringIO())
+    root.addHandler(foreign)
     try:
-        setup_logging(1)
-        assert root.level == logging.WARNING
-        setup_logging(0)
-        assert root.level == logging.INFO and len(root.handlers) == 1
+        with caplog.at_level(logging.INFO):
+            setup_logging(1)
+            assert root.level == logging.WARNING
+            first = setup_logging(0)
+            assert setup_logging(0) is first and root.level == logging.INFO
+            assert foreign in root.handlers and caplog.handler in root.handlers
+            assert [h for h in root.handlers if h is first] == [first]
+            logging.getLogger("cbsa.test").info("hello once")
+        assert "hello once" in caplog.text  # pytest's capture handler still receives records
+        assert foreign.stream.getvalue() == "hello once\n"
+        assert capsys.readouterr().err.count("[rank 0] INFO cbsa.test: hello once") == 1
     finally:
         for h in list(root.handlers):
-            root.removeHandler(h)
-        root.setLevel(saved[0])
-        for h in saved[1]:
-            root.addHandler(h)
+            if h not in saved_handlers:
+                root.removeHandler(h)
+        root.setLevel(saved_level)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -555,3 +581,227 @@ def test_wrap_ddp_cpu_reverts_syncbn(tmp_path):
         assert all_reduce_sum(torch.ones(2)).tolist() == [1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ config files
+def _config_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prog")
+    p.add_argument("--config", default=None)
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--optimizer", type=str.lower, choices=("adamw", "lion"), default="adamw")
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--grid", type=int, nargs=2, default=[8, 8])
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--tag", action="append", default=[])
+    p.add_argument("--data", default="x")
+    p.set_defaults(model={})
+    return p
+
+
+def _model_section(value, where):
+    if not isinstance(value, dict) or set(value) - {"depth"}:
+        raise ConfigError(f"{where}: only 'depth' may be set")
+    return dict(value)
+
+
+def test_config_values_go_through_their_flags_and_the_cli_wins(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    # 2e-3 is a string to YAML 1.1; `data: 5` an int; `LION` upper case: each goes through the flag's own type.
+    cfg.write_text("learning-rate: 2e-3\nepochs: 7\noptimizer: LION\namp: true\ntensorboard: false\n"
+                   "grid: [4, 2]\nlayers: [3]\ntag: [a, b]\ndata: 5\nmodel: {depth: 2}\n")
+    sections = {"model": _model_section}
+    a = parse_args_with_config(_config_parser(), ["--config", str(cfg)], sections=sections)
+    assert (a.lr, a.epochs, a.optimizer, a.amp, a.tensorboard) == (2e-3, 7, "lion", True, False)
+    assert (a.grid, a.layers, a.tag, a.data, a.model) == ([4, 2], [3], ["a", "b"], "5", {"depth": 2})
+    assert isinstance(a.epochs, int) and isinstance(a.lr, float)
+    a = parse_args_with_config(_config_parser(), ["--epochs", "9", "--config", str(cfg), "--tensorboard",
+                                                  "--tag", "c", "--grid", "1", "1", "--learning-rate", "1"],
+                               sections=sections)
+    assert (a.lr, a.epochs, a.tensorboard, a.grid, a.tag) == (1.0, 9, True, [1, 1], ["a", "b", "c"])
+    assert (a.optimizer, a.amp, a.layers) == ("lion", True, [3])  # still from the file
+    a = parse_args_with_config(_config_parser(), [])
+    assert (a.lr, a.epochs, a.optimizer, a.grid, a.tag, a.model) == (0.1, 3, "adamw", [8, 8], [], {})
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert load_config_file(_config_parser(), empty) == {}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("lr_typo: 1\n", "key 'lr_typo' is not a setting; valid keys: amp, data, epochs, grid, layers, lr, model, "
+                     "optimizer, tag, tensorboard"),
+    ("epochs: 2.5\n", "key 'epochs': invalid value 2.5"),  # not truncated to 2
+    ("epochs: true\n", "key 'epochs': invalid value True"),
+    ("lr: fast\n", "key 'lr': invalid value 'fast'"),
+    ("optimizer: sgd\n", "key 'optimizer': 'sgd' is not one of adamw, lion"),
+    ("amp: 1\n", "key 'amp': expected true or false, got 1"),
+    ("tensorboard: 'no'\n", "key 'tensorboard': expected true or false, got 'no'"),
+    ("no_tensorboard: true\n", "key 'no_tensorboard' is not a setting"),  # would read as its opposite
+    ("grid: [1, 2, 3]\n", "key 'grid': expected 2 values, got 3"),
+    ("grid: 4\n", "key 'grid': expected a list, got 4"),
+    ("layers: []\n", "key 'layers': expected at least one value"),
+    ("layers: [1, x]\n", "key 'layers': invalid value [1, 'x']"),
+    ("tag: a\n", "key 'tag': expected a list"),
+    ("data: [1]\n", "key 'data': invalid value [1]"),
+    ("config: other.yaml\n", "key 'config' is not a setting"),
+    ("lr: 1\nlearning_rate: 2\n", "key 'learning_rate' sets 'lr', which another key of the file already set"),
+    ("model: {width: 3}\n", "key 'model': only 'depth' may be set"),
+    ("- 1\n", "must hold a mapping of settings, got list"),
+    ("epochs: [1, 2\n", "(YAML syntax error)"),
+])
+def test_bad_config_file_is_refused_naming_file_and_key(tmp_path, capsys, text, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config_file(_config_parser(), cfg, sections={"model": _model_section})
+    assert str(cfg) in str(e.value) and needle in str(e.value), str(e.value)
+    # Through the parser: the usual usage line + message, exit status 2, no traceback.
+    with pytest.raises(SystemExit) as e:
+        parse_args_with_config(_config_parser(), ["--config", str(cfg)], sections={"model": _model_section})
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: prog") and str(cfg) in err and needle in err
+
+
+def test_config_file_missing_or_parser_without_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args_with_config(_config_parser(), ["--config", str(tmp_path / "nope.yaml")])
+    assert f"config file not found: {tmp_path / 'nope.yaml'}" in capsys.readouterr().err
+    # A section the caller did not name is an unknown key; an excluded flag cannot be set from a file.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {depth: 1}\n")
+    with pytest.raises(ConfigError, match="key 'model' is not a setting"):
+        load_config_file(_config_parser(), cfg)
+    cfg.write_text("tag: [a]\n")
+    with pytest.raises(ConfigError, match="key 'tag' is not a setting"):
+        load_config_file(_config_parser(), cfg, exclude=("tag",))
+    with pytest.raises(ValueError, match="no --config option"):
+        parse_args_with_config(argparse.ArgumentParser(), [])
+
+
+# ------------------------------------------------------------------------------------------------------ runner
+class _NoisyDataset(Dataset):
+    """``_dataset`` plus per-item Gaussian noise: an augmentation drawn inside the loader workers."""
+
+    def __init__(self, n: int) -> None:
+        self.base = _dataset(n)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return x + 0.5 * torch.randn(8), y
+
+
+def _fit_tiny(out: Path, *, workers: int, stop_epoch=None, resume: bool = False) -> dict:
+    seed_everything(0)
+    model = Tiny()
+    opt = build_optimizer("adamw", model, lr=5e-3, weight_decay=0.05)
+    sched = build_lambda_scheduler(opt, WarmupCosineLambda(1, 3))
+    start, best = 0, None
+    if resume:
+        seed_everything(999)  # a fresh process: other RNG state before the checkpoint's is restored
+        ck = load_training_checkpoint(out / LAST_CHECKPOINT, model=model, optimizer=opt, scheduler=sched)
+        start, best = ck["epoch"], ck["best_metric"]
+    info = DistInfo()
+    train = make_train_loader(_NoisyDataset(40), info, batch_size=12, workers=workers, seed=7, epoch=start)
+    val = make_eval_loader(_dataset(15), info, batch_size=8, workers=0)
+    return fit(model, train_loader=train, val_loader=val, criterion=nn.CrossEntropyLoss(), optimizer=opt,
+               scheduler=sched, dist_info=info, output_dir=out, seed=7, epochs=3, start_epoch=start,
+               stop_epoch=stop_epoch, best_metric=best, print_freq=100, tensorboard=False, arch="tiny",
+               model_config={"width": 16}, config={"seed": 7, "path": out}, record_extra=lambda: {"extra": 1})
+
+
+def test_fit_resume_is_bit_exact_with_loader_workers(tmp_path, capsys):
+    """3 epochs straight == 2 epochs (stop_epoch) + resume + 1, with the augmentation drawn in a worker process:
+    only fresh per-epoch workers (seeded from the reseeded RNG) make that hold; persistent ones keep the seed of
+    the epoch they started in."""
+    full = _fit_tiny(tmp_path / "full", workers=1)
+    part = _fit_tiny(tmp_path / "part", workers=1, stop_epoch=2)
+    assert part["epochs_run"] == 2 and part["last_epoch"] == 1
+    assert read_checkpoint(tmp_path / "part" / LAST_CHECKPOINT)["epoch"] == 2
+    resumed = _fit_tiny(tmp_path / "part", workers=1, resume=True)
+    assert resumed["epochs_run"] == 1 and resumed["last_epoch"] == 2
+    a, b = (read_checkpoint(tmp_path / d / LAST_CHECKPOINT) for d in ("full", "part"))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert a["scheduler"] == b["scheduler"] and a["epoch"] == b["epoch"] == 3
+
+    def records(d):
+        lines = [json.loads(x) for x in (tmp_path / d / LOG_JSONL).read_text().splitlines()]
+        return [r for r in lines if "event" not in r], [r["event"] for r in lines if "event" in r]
+
+    (ra, ea), (rb, eb) = records("full"), records("part")
+    assert ea == ["start", "end"] and eb == ["start", "end", "start", "end"]
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb] == [0, 1, 2]
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+    assert [r["lr"] for r in ra] == [5e-3 * _release_factor(e, 1, 3) for e in range(3)]
+    assert all(r["extra"] == 1 and r["train_num_images"] == 40 and r["val_num_images"] == 15 for r in ra)
+    assert full["best_top1"] == max(r["val_top1"] for r in ra) == a["best_metric"] == a["best_acc1"]
+    best_epoch = next(r["epoch"] for r in ra if r["val_top1"] == full["best_top1"])
+    assert read_checkpoint(tmp_path / "full" / BEST_CHECKPOINT)["epoch"] == best_epoch + 1
+    assert a["model_config"] == {"width": 16} and a["config"]["path"] == str(tmp_path / "full")
+    assert yaml.safe_load((tmp_path / "full" / RUN_CONFIG).read_text()) == {"seed": 7,
+                                                                           "path": str(tmp_path / "full")}
+    assert "Epoch 2/3: train loss" in capsys.readouterr().out
+
+
+def test_loaders_are_sharded_and_not_persistent():
+    info = DistInfo(1, 3, 1, torch.device("cpu"), True)
+    train = make_train_loader(_dataset(10), info, batch_size=2, workers=1, seed=0)
+    val = make_eval_loader(_dataset(10), info, batch_size=2, workers=1)
+    assert not train.persistent_workers and not val.persistent_workers and not train.drop_last
+    assert list(val.sampler) == [1, 4, 7] and len(list(train.sampler)) == 4  # 10 padded to 12 over 3 ranks
+
+
+def _broadcast_eval_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _bn_model(running_mean=float(rank), running_var=1.0 + rank)  # BN statistics drifted apart
+        x, y = _eval_data()
+        loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=ShardedEvalSampler(len(x), rank, world))
+        res = evaluate_classifier(model, loader, nn.CrossEntropyLoss(), device="cpu",
+                                  dist_info=DistInfo(rank, world, rank, torch.device("cpu"), True))
+        torch.save({"result": res, "bn": {k: v for k, v in model[1].state_dict().items()}},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _bn_model(running_mean: float, running_var: float) -> nn.Module:
+    torch.manual_seed(0)  # the same weights on every rank; only the buffers differ
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    model[1].running_mean.fill_(running_mean)
+    model[1].running_var.fill_(running_var)
+    return model
+
+
+def _eval_data():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(11, 3, generator=g), torch.randint(0, 4, (11,), generator=g)
+
+
+def test_distributed_evaluation_uses_rank0_buffers(tmp_path):
+    """2 gloo processes whose BatchNorm statistics differ (no SyncBatchNorm on the CPU): the validation metric is
+    that of rank 0's weights, the ones saved, and rank 1 ends up holding them too."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_broadcast_eval_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    x, y = _eval_data()
+
+    def single(model):
+        return evaluate_classifier(model, DataLoader(TensorDataset(x, y), batch_size=4), nn.CrossEntropyLoss(),
+                                   device="cpu")
+
+    ref0, ref1 = single(_bn_model(0.0, 1.0)), single(_bn_model(1.0, 2.0))
+    assert ref0["loss"] != pytest.approx(ref1["loss"], rel=1e-6)  # the drift matters to the metric
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert saved["result"]["num_images"] == 11
+        assert saved["result"]["loss"] == pytest.approx(ref0["loss"], rel=1e-6)
+        assert (saved["result"]["top1"], saved["result"]["top5"]) == (ref0["top1"], ref0["top5"])
+        assert torch.equal(saved["bn"]["running_mean"], torch.zeros(8))
+        assert torch.equal(saved["bn"]["running_var"], torch.ones(8))
+    broadcast_buffers(_bn_model(1.0, 2.0), DistInfo())  # no process group: a no-op, no error

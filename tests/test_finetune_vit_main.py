@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 
 from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint
@@ -64,7 +65,9 @@ def argv(data, out, *extra):
 
 
 def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    """The per-epoch records of log.jsonl (the start/end events left out)."""
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if "event" not in r]
 
 
 @pytest.mark.parametrize("attention", ["cbsa_vee", "cbsa_star", "linear"])
@@ -73,12 +76,12 @@ def test_finetuning_runs_and_loss_falls(data, init_file, tmp_path, attention):
     result = main(argv(data, out, "--attention", attention, "--pretrained-file", str(init_file), "--epochs", "4"))
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1, 2, 3]
-    train_losses = [r["train"]["loss"] for r in log]
-    val_losses = [r["val"]["loss"] for r in log]
+    train_losses = [r["train_loss"] for r in log]
+    val_losses = [r["val_loss"] for r in log]
     assert train_losses[-1] < 0.8 * train_losses[0], train_losses
     assert val_losses[-1] < val_losses[0], val_losses
     assert result["val"]["num_images"] == 18
-    assert result["best_top1"] == max(r["val"]["top1"] for r in log)
+    assert result["best_top1"] == max(r["val_top1"] for r in log)
     # Warm-up 1 epoch then cosine over 4: lr_e = 1e-3 * min(e + 1, (1 + cos(pi e / 4)) / 2).
     expected = [1e-3 * min(e + 1, 0.5 * (1 + np.cos(np.pi * e / 4))) for e in range(4)]
     np.testing.assert_allclose([r["lr"] for r in log], expected, rtol=1e-12)
@@ -91,15 +94,17 @@ def test_finetuning_runs_and_loss_falls(data, init_file, tmp_path, attention):
 
 
 def test_interrupted_run_resumes_exactly_and_evaluate_reproduces(data, init_file, tmp_path, capsys, monkeypatch):
-    import finetune_vit.main as entry
+    """With loader workers: fresh (not persistent) workers take their seeds from the per-epoch reseeded RNG, so the
+    resumed run draws the same crops as the uninterrupted one."""
+    import cbsa_core.engine.runner as runner
 
-    common = ["--pretrained-file", str(init_file), "--epochs", "3", "--attention", "cbsa_star"]
+    common = ["--pretrained-file", str(init_file), "--epochs", "3", "--attention", "cbsa_star", "--workers", "2"]
     full = tmp_path / "full"
     main(argv(data, full, *common))
 
     # Interrupt the same run during epoch 2 (after the epoch-1 checkpoint was written), then resume it.
     out = tmp_path / "run"
-    real_eval, calls = entry.evaluate_classifier, []
+    real_eval, calls = runner.evaluate_classifier, []
 
     def crash_on_third(*args, **kwargs):
         calls.append(1)
@@ -107,52 +112,108 @@ def test_interrupted_run_resumes_exactly_and_evaluate_reproduces(data, init_file
             raise KeyboardInterrupt
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(entry, "evaluate_classifier", crash_on_third)
+    monkeypatch.setattr(runner, "evaluate_classifier", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         main(argv(data, out, *common))
-    monkeypatch.setattr(entry, "evaluate_classifier", real_eval)
+    monkeypatch.setattr(runner, "evaluate_classifier", real_eval)
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
     result = main(argv(data, out, *common, "--resume", str(out / "checkpoint.pth.tar")))
     assert result["epochs_run"] == 1
     log, ref = read_log(out), read_log(full)
     assert [r["epoch"] for r in log] == [0, 1, 2]
     for mine, theirs in zip(log, ref):  # same data order, augmentation, LR and optimizer state
-        assert mine["train"]["loss"] == pytest.approx(theirs["train"]["loss"], rel=1e-6, abs=0)
-        assert mine["val"]["loss"] == pytest.approx(theirs["val"]["loss"], rel=1e-6, abs=0)
+        assert mine["train_loss"] == theirs["train_loss"]
+        assert mine["val_loss"] == theirs["val_loss"]
         assert mine["lr"] == theirs["lr"]
+    final, ref_final = (read_checkpoint(d / "checkpoint.pth.tar")["state_dict"] for d in (out, full))
+    for k in ref_final:
+        assert torch.equal(final[k], ref_final[k]), k
 
     capsys.readouterr()
     ev = main(argv(data, tmp_path / "eval", "--attention", "cbsa_star", "--evaluate", "--resume",
                    str(out / "checkpoint.pth.tar")))
-    assert ev["val"]["top1"] == pytest.approx(log[-1]["val"]["top1"])
-    assert ev["val"]["loss"] == pytest.approx(log[-1]["val"]["loss"], rel=1e-6)
+    assert ev["val"]["top1"] == pytest.approx(log[-1]["val_top1"])
+    assert ev["val"]["loss"] == pytest.approx(log[-1]["val_loss"], rel=1e-6)
     assert " * Acc@1" in capsys.readouterr().out
     assert not (tmp_path / "eval").exists()  # evaluation writes nothing
 
 
-def test_resume_with_other_attention_is_refused(data, init_file, tmp_path):
+def test_resume_with_other_variant_is_refused(data, init_file, tmp_path):
     out = tmp_path / "run"
     main(argv(data, out, "--pretrained-file", str(init_file), "--epochs", "1"))
+    ckpt = str(out / "checkpoint.pth.tar")
     with pytest.raises(CheckpointError, match="trained with attention='cbsa_vee', but this run uses "
                                               "attention='linear'"):
-        main(argv(data, out, "--attention", "linear", "--evaluate", "--resume", str(out / "checkpoint.pth.tar")))
+        main(argv(data, out, "--attention", "linear", "--evaluate", "--resume", ckpt))
+    with pytest.raises(CheckpointError, match="trained with norm='imagenet', but this run uses norm='inception'"):
+        main(argv(data, out, "--norm", "inception", "--evaluate", "--resume", ckpt))
+    with pytest.raises(CheckpointError, match=r"trained with layers=\[0, 1\], but this run uses layers=\[1\]"):
+        main(argv(data, out, "--layers", "1", "--evaluate", "--resume", ckpt))
+    # The same blocks listed in another order are the same model.
+    ev = main(argv(data, out, "--layers", "1", "0", "--evaluate", "--resume", ckpt))
+    assert ev["val"]["num_images"] == 18
 
 
-def test_config_file_sets_defaults_and_flags_override(data, tmp_path):
+def _authors_file(src: Path, dst: Path) -> Path:
+    """The release's fine-tuned ViT layout: DDP 'module.' keys, arch and best_acc1, no project format marker."""
+    sd = read_checkpoint(src)["state_dict"]
+    torch.save({"epoch": 1, "arch": ARCH, "state_dict": {f"module.{k}": v for k, v in sd.items()},
+                "best_acc1": 40.0}, dst)
+    return dst
+
+
+def test_authors_file_switches_on_legacy_layout_and_the_saved_config_says_so(data, init_file, tmp_path, caplog):
+    caplog.set_level("INFO")
+    first = tmp_path / "first"
+    main(argv(data, first, "--pretrained-file", str(init_file), "--epochs", "1"))
+    assert read_checkpoint(first / "checkpoint.pth.tar")["model_config"]["legacy_token_layout"] is False
+    authors = _authors_file(first / "checkpoint.pth.tar", tmp_path / "vit_tiny_cbsa_best.pth.tar")
+
+    # As --pretrained-file: the layout it was trained with is switched on, with a log line.
+    out = tmp_path / "ft"
+    main(argv(data, out, "--pretrained-file", str(authors), "--epochs", "1"))
+    assert f"{authors} holds the authors' fine-tuned weights" in caplog.text
+    assert "switching on the legacy token layout" in caplog.text
+    ckpt = read_checkpoint(out / "checkpoint.pth.tar")
+    assert ckpt["model_config"]["legacy_token_layout"] is True and ckpt["config"]["legacy_token_layout"] is True
+    assert yaml.safe_load((out / "config.yaml").read_text())["legacy_token_layout"] is True
+
+    # As --resume, with a flag that disagrees: the checkpoint's layout wins, the flag is warned about, and the
+    # files written by the resumed run record the layout actually trained.
+    caplog.clear()
+    out = tmp_path / "resumed"
+    main(argv(data, out, "--resume", str(authors), "--epochs", "2", "--no-legacy-token-layout"))
+    assert "--no-legacy-token-layout is overruled" in caplog.text
+    ckpt = read_checkpoint(out / "checkpoint.pth.tar")
+    assert ckpt["epoch"] == 2
+    assert ckpt["model_config"]["legacy_token_layout"] is True and ckpt["config"]["legacy_token_layout"] is True
+    assert yaml.safe_load((out / "config.yaml").read_text())["legacy_token_layout"] is True
+
+
+def test_config_file_sets_defaults_and_flags_override(data, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("arch: vit_base_patch16_384\nattention: linear\nbatch-size: 64\nweight_decay: 0.05\n"
-                   "model_kwargs: {depth: 1}\n")
+                   "model_kwargs: {depth: 1}\nlearning_rate: 1e-4\nrep_grid: [4, 2]\nlayers: [3, 1]\n")
     args = parse_args(["--config", str(cfg), "--data", str(data), "--batch-size", "8"])
     assert (args.arch, args.attention, args.batch_size, args.weight_decay) == ("vit_base_patch16_384", "linear", 8,
                                                                                0.05)
-    assert args.model_kwargs == {"depth": 1}
+    assert args.model_kwargs == {"depth": 1} and args.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    assert args.rep_grid == [4, 2] and args.layers == [3, 1]
+    args = parse_args(["--config", str(cfg), "--data", str(data), "--model-kwargs", '{"depth": 2}'])
+    assert args.model_kwargs == {"depth": 2}
     bad = tmp_path / "bad.yaml"
-    bad.write_text("attention: softmax\n")
-    with pytest.raises(SystemExit):
-        parse_args(["--config", str(bad), "--data", str(data)])
-    bad.write_text("learning_rat: 0.1\n")
-    with pytest.raises(ValueError, match=f"config file {bad}: unknown option 'learning_rat'"):
-        parse_args(["--config", str(bad), "--data", str(data)])
+    for text, needle in [("attention: softmax\n", "'softmax' is not one of cbsa_vee, cbsa_star, linear, mhsa"),
+                         ("learning_rat: 0.1\n", "key 'learning_rat' is not a setting"),
+                         ("epochs: 2.5\n", "key 'epochs': invalid value 2.5"),
+                         ("rep-grid: 8\n", "key 'rep-grid': expected a list"),
+                         ("model_kwargs: [1]\n", "key 'model_kwargs': invalid value [1]"),
+                         ("no_tensorboard: 1\n", "key 'no_tensorboard': expected true or false")]:
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--config", str(bad), "--data", str(data)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert str(bad) in err and needle in err, err
 
 
 def test_shipped_configs_parse(data):

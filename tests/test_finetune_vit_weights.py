@@ -126,6 +126,66 @@ def test_unknown_suffix_and_corrupt_files_are_refused(tmp_path):
             create_vit(ARCH, pretrained_file=path, model_kwargs=TINY)
 
 
+def test_truncated_or_corrupt_npz_names_the_file(tmp_path):
+    good = tmp_path / "good.npz"
+    to_jax_npz(source_vit(), good)
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(raw[: len(raw) // 2])  # an interrupted download: the zip directory at the end is gone
+    with pytest.raises(CheckpointError, match=f"cannot read pretrained weights file {truncated}: not a readable "
+                                              r"numpy .npz archive \(truncated or corrupt\?\): BadZipFile"):
+        create_vit(ARCH, num_classes=3, pretrained_file=truncated, model_kwargs=TINY)
+
+
+def test_npz_shapes_are_read_from_the_headers_only(tmp_path, monkeypatch):
+    """The architecture check reads each member's .npy header; whole arrays are decompressed once, by timm."""
+    from finetune_vit import models
+
+    src = source_vit()
+    path = tmp_path / "w.npz"
+    to_jax_npz(src, path)
+    with np.load(path) as w:
+        expected = {k: w[k].shape for k in w.files}
+    assert models._npz_shapes(path) == expected
+
+    def no_full_read(*args, **kwargs):
+        raise AssertionError("the shape check decompressed a whole array")
+
+    monkeypatch.setattr(np.lib.format, "read_array", no_full_read)
+    deep = source_vit(depth=3)
+    to_jax_npz(deep, tmp_path / "deep.npz")
+    with pytest.raises(CheckpointMismatchError, match="3 encoder blocks vs model depth 2"):
+        create_vit(ARCH, num_classes=3, pretrained_file=tmp_path / "deep.npz", model_kwargs=TINY)
+
+
+def _legacy_flags(model) -> list:
+    return [b.attn.legacy_token_layout for b in model.blocks]
+
+
+def test_authors_finetuned_file_switches_on_the_legacy_layout(tmp_path, caplog):
+    """The release's fine-tuned ViTs pooled X_q[:, :-1] (official-code.md item 28)."""
+    src = source_vit()
+    authors = tmp_path / "vit_small_cbsa.pth.tar"
+    torch.save({"epoch": 50, "arch": ARCH, "best_acc1": 70.1, "optimizer": {}, "scheduler": {},
+                "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, authors)
+    plain = tmp_path / "timm.pth"
+    torch.save(src.state_dict(), plain)
+    caplog.set_level("INFO")
+    model = create_vit(ARCH, attention="cbsa_vee", num_classes=3, pretrained_file=authors, rep_grid=(2, 2),
+                       model_kwargs=TINY)
+    assert _legacy_flags(model) == [True, True] and model.vit_adaptation["legacy_token_layout"] is True
+    assert f"{authors} holds the authors' fine-tuned weights" in caplog.text
+    assert_same_weights(model, src)
+    # Plain timm weights keep the corrected layout; an explicit choice wins (with a warning when it disagrees).
+    assert _legacy_flags(create_vit(ARCH, num_classes=3, pretrained_file=plain, rep_grid=(2, 2),
+                                    model_kwargs=TINY)) == [False, False]
+    caplog.clear()
+    forced = create_vit(ARCH, num_classes=3, pretrained_file=authors, rep_grid=(2, 2), model_kwargs=TINY,
+                        legacy_token_layout=False)
+    assert _legacy_flags(forced) == [False, False]
+    assert "was trained with legacy_token_layout=True, but legacy_token_layout=False was asked for" in caplog.text
+
+
 def test_weights_of_another_architecture_are_refused(tmp_path):
     wide = source_vit(embed_dim=96, num_heads=3)
     torch.save(wide.state_dict(), tmp_path / "wide.pth")
@@ -138,11 +198,11 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"unexpected key\(s\).*\n.*blocks.2"):
         create_vit(ARCH, num_classes=3, pretrained_file=tmp_path / "deep.safetensors", model_kwargs=TINY)
     to_jax_npz(deep, tmp_path / "deep.npz")
-    with pytest.raises(CheckpointError, match="3 encoder blocks vs model depth 2"):
+    with pytest.raises(CheckpointMismatchError, match="3 encoder blocks vs model depth 2"):
         create_vit(ARCH, num_classes=3, pretrained_file=tmp_path / "deep.npz", model_kwargs=TINY)
     patch4 = source_vit(patch_size=4)
     to_jax_npz(patch4, tmp_path / "patch4.npz")
-    with pytest.raises(CheckpointError, match=r"patch embedding \(4, 4, 3, 64\) vs model patch \(8, 8\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"patch embedding \(4, 4, 3, 64\) vs model patch \(8, 8\)"):
         create_vit(ARCH, num_classes=3, pretrained_file=tmp_path / "patch4.npz", model_kwargs=TINY)
     torch.save(patch4.state_dict(), tmp_path / "patch4.pth")
     with pytest.raises(CheckpointMismatchError, match=r"patch_embed.proj.weight: checkpoint \(64, 3, 4, 4\)"):

@@ -34,6 +34,7 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "broadcast_object",
+    "broadcast_buffers",
     "seed_everything",
     "epoch_seed",
     "unwrap_model",
@@ -176,6 +177,22 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers(model: nn.Module, dist_info: DistInfo | None = None, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics), in place; a no-op when not distributed.
+
+    Without SyncBatchNorm (gloo on the CPU, or ``sync_bn=False``) each rank updates its running statistics from its
+    own batches, and DDP only re-broadcasts buffers at the start of the next training forward, so after an epoch
+    the ranks hold different statistics. Validation must use rank 0's, the ones that are saved, or the distributed
+    metric would not describe the checkpoint. Under SyncBatchNorm the broadcast changes nothing. A collective:
+    every rank must call it.
+    """
+    distributed = dist_info.distributed if dist_info is not None else is_dist_initialized()
+    if not distributed or not is_dist_initialized() or dist.get_world_size() == 1:
+        return
+    for buf in unwrap_model(model).buffers():
+        dist.broadcast(buf.data, src=src)
+
+
 def seed_everything(seed: int, rank: int = 0) -> int:
     """Seed python ``random``, numpy and torch (CPU and all GPUs) with ``seed + rank``; returns that seed.
 
@@ -236,7 +253,8 @@ def wrap_ddp(model: nn.Module, dist_info: DistInfo, sync_bn: bool = True,
     * CUDA + ``sync_bn``: BatchNorm layers become SyncBatchNorm, so the conv stem's statistics are global (item 10 b).
     * CPU (gloo): torch only implements SyncBatchNorm's training forward for GPU inputs, so no conversion is done
       and any SyncBatchNorm already in the model is turned back into BatchNorm: each process then keeps its own
-      batch statistics, as DataParallel did in the release. Buffers are still broadcast from rank 0 by DDP.
+      batch statistics, as DataParallel did in the release. Buffers are still broadcast from rank 0 by DDP
+      (at each training forward) and by ``evaluate_classifier`` (before validation, :func:`broadcast_buffers`).
     * Not distributed: the model is returned (on the device) unwrapped.
     """
     model = model.to(dist_info.device)

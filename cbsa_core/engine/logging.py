@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -103,11 +104,35 @@ class TensorBoardLogger:
         self.close()
 
 
-def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
-    """Configure the root logger: ``level`` on rank 0, WARNING on the other ranks (so warnings still show)."""
-    logging.basicConfig(
-        level=level if rank == 0 else max(level, logging.WARNING),
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        force=True,  # an entry point may be called twice (tests, notebooks): replace, do not duplicate handlers
-    )
+class _EngineStderrHandler(logging.StreamHandler):
+    """The handler :func:`setup_logging` adds, recognised by its class. It writes to whatever ``sys.stderr`` is at
+    emit time, so a replaced ``sys.stderr`` (pytest's capture, a notebook) never leaves it holding a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__/setStream assign it: always follow sys.stderr
+        pass
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Handler:
+    """Log to stderr from the root logger: ``level`` on rank 0, WARNING on the other ranks (so warnings still show).
+
+    Idempotent and polite: one handler of its own is added on the first call and only re-configured afterwards
+    (entry points called twice in one process, e.g. by tests, print each line once), and handlers installed by
+    others (pytest's log capture, an application's) are left in place. Returns the engine's handler.
+    """
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _EngineStderrHandler)), None)
+    if handler is None:
+        handler = _EngineStderrHandler()
+        root.addHandler(handler)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%Y-%m-%d %H:%M:%S"))
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    return handler

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from .amp import autocast_context, check_precision
-from .distributed import (DistInfo, all_reduce_sum, collective_device, get_rank, get_world_size,
-                          is_dist_initialized, unwrap_model)
+from .distributed import (DistInfo, all_reduce_sum, broadcast_buffers, collective_device, get_rank,
+                          get_world_size, is_dist_initialized, unwrap_model)
 from .meters import MetricLogger, accuracy
 
 __all__ = ["NonFiniteLossError", "default_unpack_batch", "train_one_epoch", "evaluate_classifier"]
@@ -182,17 +182,24 @@ def evaluate_classifier(model: nn.Module, loader: Iterable,
                         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                         device: torch.device | str, dist_info: DistInfo | None = None, precision: str = "fp32",
                         topk: Sequence[int] = (1, 5), print_freq: int | None = None,
-                        unpack_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = default_unpack_batch
-                        ) -> dict:
+                        unpack_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = default_unpack_batch,
+                        sync_buffers: bool = True) -> dict:
     """Top-1/top-5 accuracy (percent) and mean loss over exactly the images of ``loader`` on all ranks.
 
     Per-batch sums (correct counts, ``loss * batch``) are all-reduced once at the end, so with a
     :class:`~cbsa_core.engine.distributed.ShardedEvalSampler` the result covers every image exactly once. The
     unwrapped model is evaluated, so shards of unequal length cannot stall a DDP collective. ``criterion`` must
     average over the batch (the release's label-smoothing CE does). fp32 by default, as the release.
+
+    In a distributed run, ``sync_buffers`` first gives every rank rank 0's buffers (:func:`broadcast_buffers`), so
+    the metric describes the weights rank 0 saves even when BatchNorm statistics drifted apart (no SyncBatchNorm
+    under gloo). That is a collective: call this on every rank.
     """
     precision = check_precision(precision)
     device = torch.device(device)
+    distributed = is_dist_initialized() and get_world_size() > 1
+    if sync_buffers and distributed:
+        broadcast_buffers(model)
     net = unwrap_model(model)
     was_training = net.training
     net.eval()
@@ -220,7 +227,7 @@ def evaluate_classifier(model: nn.Module, loader: Iterable,
         progress.update(step, bs, loss=loss)
     net.train(was_training)
 
-    if is_dist_initialized() and get_world_size() > 1:
+    if distributed:
         sums = all_reduce_sum(sums.to(collective_device()))
     sums = sums.cpu()
     n = int(sums[1].item())
