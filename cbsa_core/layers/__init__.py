@@ -1,12 +1,13 @@
 """Attention layers and building blocks of the CBSA family."""
 from .cbsa import CBSA, adaptive_pool_tokens, check_token_layout
 from .ista import ISTA
+from .linear_attention import LinearAttention
 from .mssa import MSSA
 from .patch_embed import ConvPatchEmbed
 from .pos_embed import resample_pos_embed
 from .tssa import TSSA
 
-__all__ = ["CBSA", "MSSA", "TSSA", "ISTA", "ConvPatchEmbed", "resample_pos_embed", "adaptive_pool_tokens",
+__all__ = ["CBSA", "MSSA", "TSSA", "ISTA", "LinearAttention", "ConvPatchEmbed", "resample_pos_embed", "adaptive_pool_tokens",
            "check_token_layout", "build_attention", "ATTENTION_TYPES"]
 
 ATTENTION_TYPES = ("cbsa", "cbsa_dagger", "agent", "mssa", "tssa")

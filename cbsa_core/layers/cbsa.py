@@ -16,6 +16,12 @@ One forward pass:
        out = merge_heads(D) W_Uᵀ                     the basis itself (CBT†, ``tied_output=True``)
 
 ``contraction=False`` drops step 5 (C = Q), which is agent attention (paper §3).
+
+Cost: every token-sized product (steps 3, 4, 6) is a GEMM with one m-sized side, so time and memory are
+linear in T. The token-sized products go through :func:`matmul_nt` / :func:`matmul_tn`, whose backward
+returns contiguous gradients in the operands' own layout (autograd's bmm backward hands the gradient of a
+transposed operand back as a transposed view, which costs a strided copy and strided adds of (B, H, m, T)
+tensors downstream: 6-12% of a forward+backward at B = 4, T = 4097, dim 384, one CPU thread).
 """
 from __future__ import annotations
 
@@ -25,7 +31,98 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CBSA", "check_token_layout", "adaptive_pool_tokens"]
+__all__ = ["CBSA", "check_token_layout", "adaptive_pool_tokens", "fold_heads", "matmul_nt", "matmul_tn"]
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_operands(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cast both operands as autocast would cast a matmul's (float64 is left alone), so that the tensors
+    saved for backward have the dtype the product actually ran in."""
+    device = a.device.type
+    if torch.is_autocast_enabled(device) and a.dtype in _AUTOCAST_ELIGIBLE and b.dtype in _AUTOCAST_ELIGIBLE:
+        dtype = torch.get_autocast_dtype(device)
+        return a.to(dtype), b.to(dtype)
+    return a, b
+
+
+class _MatmulNT(torch.autograd.Function):
+    """a (..., M, K) @ b (..., N, K)ᵀ -> (..., M, N); gradients (..., M, K) and (..., N, K), both contiguous."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = _autocast_operands(a, b)
+        ctx.save_for_backward(a, b)
+        return torch.matmul(a, b.transpose(-1, -2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        grad_a = torch.matmul(grad, b) if ctx.needs_input_grad[0] else None
+        grad_b = torch.matmul(grad.transpose(-1, -2), a) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class _MatmulTN(torch.autograd.Function):
+    """a (..., K, M)ᵀ @ b (..., K, N) [+ bias (N,)] -> (..., M, N); gradients (..., K, M), (..., K, N), contiguous."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        a, b = _autocast_operands(a, b)
+        ctx.save_for_backward(a, b)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.matmul(a.transpose(-1, -2), b)
+        if a.dim() == 3:  # the GEMM accumulates onto the broadcast bias: no separate pass over the output
+            return torch.baddbmm(bias.to(b.dtype), a.transpose(1, 2), b)
+        return torch.matmul(a.transpose(-1, -2), b) + bias.to(b.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        grad_a = torch.matmul(b, grad.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        grad_b = torch.matmul(a, grad) if ctx.needs_input_grad[1] else None
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_a, grad_b, grad_bias
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.transpose(-1, -2)`` for a (..., M, K), b (..., N, K), with layout-preserving gradients.
+
+    Used where ``b`` is token-sized (N = T) and contiguous: its gradient comes back as a contiguous
+    (..., T, K) tensor instead of a transposed view. The forward is the same GEMM as ``torch.matmul``;
+    under autocast both operands are cast as autocast casts a matmul's.
+    """
+    return _MatmulNT.apply(a, b)
+
+
+def matmul_tn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a.transpose(-1, -2) @ b (+ bias)`` for a (..., K, M), b (..., K, N), with layout-preserving gradients.
+
+    Used where ``a`` is token-sized (M = T, e.g. the extraction matrix (B, H·m, T)): its gradient comes
+    back as a contiguous (..., K, T) tensor instead of a transposed view.
+    """
+    return _MatmulTN.apply(a, b, bias)
+
+
+def fold_heads(per_head: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-head rows times the matching row block of a merged-heads weight, heads stacked along the rows.
+
+    per_head (B, H, n, p), weight (H·p, dim) -> (B, H·n, dim) with row (h, i) = per_head[:, h, i] @ weight[h·p:(h+1)·p],
+    so that Σ over the H·n rows with token weights is the merged-heads projection. One bmm over B·H with
+    the weight blocks copied per sample: ``torch.matmul``'s broadcasting of an (H, p, dim) weight measured
+    ≈ 3× slower at these sizes (CPU, B = 4-8, H·p = dim = 384).
+    """
+    b, h, n, p = per_head.shape
+    # contiguous first (W_outᵀ is a transposed view): the per-sample copy below then streams, not gathers
+    w_heads = weight.contiguous().view(1, h, p, weight.shape[-1]).expand(b, h, p, weight.shape[-1])
+    out = torch.bmm(per_head.reshape(b * h, n, p), w_heads.reshape(b * h, p, weight.shape[-1]))
+    return out.view(b, h * n, weight.shape[-1])
 
 
 def check_token_layout(num_tokens: int, grid_size: Tuple[int, int], num_prefix: int, num_suffix: int,
@@ -139,14 +236,18 @@ class CBSA(nn.Module):
         # One head-major copy of the tokens; both token products below then run on contiguous operands.
         z = z.view(b, t, self.heads, self.dim_head).transpose(1, 2).contiguous()
         rep0 = rep0.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
-        attn = torch.softmax(torch.matmul(rep0 * self.scale, z.transpose(-1, -2)), dim=-1)
-        return z, rep0, attn
+        # 1/√p scales the m×p reps rather than the m×T logits: same product, T/p fewer multiplies.
+        attn = torch.softmax(matmul_nt(rep0 * self.scale, z), dim=-1)
+        # CUDA autocast runs softmax in float32; every product with A would cast it to z's dtype again
+        # (and save another copy for backward), so cast once. Without autocast this is a no-op.
+        return z, rep0, attn.to(z.dtype)
 
     def _contract(self, rep: torch.Tensor) -> torch.Tensor:
+        """Step 5, softmax(Q Qᵀ/√p) Q: self-attention among the m reps with q = k = v, run by the fused
+        scaled_dot_product_attention kernel (no m×m matrix is kept for backward)."""
         if not self.contraction:
             return rep
-        sim = torch.matmul(rep * self.scale, rep.transpose(-1, -2))
-        return torch.matmul(torch.softmax(sim, dim=-1), rep)
+        return F.scaled_dot_product_attention(rep, rep, rep, scale=self.scale)
 
     def _project_out(self, d: torch.Tensor) -> torch.Tensor:
         """(B, H, T, p) -> (B, T, dim)."""
@@ -175,15 +276,11 @@ class CBSA(nn.Module):
         representatives, which is what runs when it is cheaper.
         """
         if not self._fold_output():
-            return self._project_out(torch.matmul(attn.transpose(-1, -2), contracted))
+            return self._project_out(matmul_tn(attn, contracted))
         b, h, m, t = attn.shape
         weight, bias = self._output_weight()
-        w_heads = weight.reshape(h, self.dim_head, self.dim).to(contracted.dtype)  # (H, p, dim)
-        folded = torch.matmul(contracted, w_heads).reshape(b, h * m, self.dim)  # (B, H·m, dim)
-        attn_t = attn.reshape(b, h * m, t).transpose(1, 2)  # (B, T, H·m), a view
-        if bias is None:
-            return torch.bmm(attn_t, folded)
-        return torch.baddbmm(bias.to(folded.dtype), attn_t, folded)
+        folded = fold_heads(contracted, weight.to(contracted.dtype))  # (B, H·m, dim)
+        return matmul_tn(attn.reshape(b, h * m, t), folded, bias)  # Σ over heads and reps in one GEMM
 
     def forward(self, x: torch.Tensor, grid_size: Tuple[int, int], return_attn: bool = False):
         """x (B, T, dim) -> (B, T, dim). With ``return_attn`` also returns AᵀA (B, H, T, T)."""
