@@ -315,14 +315,22 @@ def _run(args: argparse.Namespace, dist_info: DistInfo) -> Dict[str, Any]:
         start_epoch = ckpt["epoch"]
         best_acc1 = ckpt["best_metric"]
         saved = ckpt.get("config") or {}
-        if args.seed is None and isinstance(saved.get("seed"), int):
-            seed = saved["seed"]  # same data order as the interrupted run
+        # An exact continuation needs the interrupted run's seed (data order, per-epoch reseeding), its schedule
+        # length and its optimizer: torch's load_state_dict would accept AdamW moments into Lion silently.
+        if isinstance(saved.get("seed"), int):
+            if args.seed is not None and args.seed != saved["seed"]:
+                raise ConfigError(f"--seed {args.seed} differs from the seed {saved['seed']} of {args.resume}; "
+                                  f"drop --seed to continue that run exactly")
+            seed = saved["seed"]
+        if saved.get("optimizer") not in (None, args.optimizer):
+            raise CheckpointMismatchError(f"{args.resume} was trained with --optimizer {saved['optimizer']}, "
+                                          f"not {args.optimizer}")
         lam = scheduler.lr_lambdas[0]
-        if is_main and isinstance(lam, WarmupCosineLambda) and (lam.epochs, lam.warmup_epochs) != (
+        if isinstance(lam, WarmupCosineLambda) and (lam.epochs, lam.warmup_epochs) != (
                 args.epochs, args.warmup_epochs):
-            _LOG.warning("the LR schedule restored from %s is for %d epochs with %d warm-up epochs (the command "
-                         "asks for %d / %d); the restored one is kept", args.resume, lam.epochs, lam.warmup_epochs,
-                         args.epochs, args.warmup_epochs)
+            raise ConfigError(f"{args.resume} follows a schedule of {lam.epochs} epochs with {lam.warmup_epochs} "
+                              f"warm-up epochs, but the command asks for {args.epochs} / {args.warmup_epochs}; "
+                              f"resume with the same --epochs and --warmup-epochs (use --stop-epoch to stop early)")
         if is_main:
             _LOG.info("resumed from %s: next epoch %d, best top-1 %s", args.resume, start_epoch, best_acc1)
     elif start_epoch:

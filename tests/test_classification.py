@@ -317,8 +317,9 @@ def test_evaluate_authors_checkpoint_uses_legacy_layout(trained, data_root, tiny
 
 
 def test_resume_is_bit_exact(tmp_path, data_root, tiny_cfg):
-    """2 epochs straight == 1 epoch + resume + 1 epoch, with the resume inside the warm-up (item 13)."""
-    common = ("--epochs", "2", "--warmup-epochs", "2")
+    """3 epochs straight == 1 epoch + resume + 2 epochs, with the resume inside the warm-up (item 13): at epoch 1
+    the warm-up factor 2/3 is below the cosine's 0.75, so a resume that dropped the warm-up would differ."""
+    common = ("--epochs", "3", "--warmup-epochs", "3")
     run_main(tiny_cfg, data_root, tmp_path / "a", *common)
     run_main(tiny_cfg, data_root, tmp_path / "b", *common, "--stop-epoch", "1")
     assert load_ckpt(tmp_path / "b" / icm.LAST_CHECKPOINT)["epoch"] == 1
@@ -330,9 +331,11 @@ def test_resume_is_bit_exact(tmp_path, data_root, tiny_cfg):
     for pid, st in a["optimizer"]["state"].items():
         for name, v in st.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["optimizer"]["state"][pid][name])), (pid, name)
-    assert a["scheduler"] == b["scheduler"] and a["epoch"] == b["epoch"] == 2
+    assert a["scheduler"] == b["scheduler"] and a["epoch"] == b["epoch"] == 3
     ra, rb = epoch_records(tmp_path / "a"), epoch_records(tmp_path / "b")
-    assert [r["lr"] for r in ra] == [r["lr"] for r in rb] == [lr_formula(BASE_LR, e, 2, 2) for e in range(2)]
+    expected = [lr_formula(BASE_LR, e, 3, 3) for e in range(3)]
+    assert expected[1] == pytest.approx(BASE_LR * 2 / 3) and expected[1] < BASE_LR * 0.5 * (1 + math.cos(math.pi / 3))
+    assert [r["lr"] for r in ra] == [r["lr"] for r in rb] == expected
     assert ra[1]["val_loss"] == rb[1]["val_loss"] and ra[1]["train_loss"] == rb[1]["train_loss"]
 
 
@@ -557,3 +560,20 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path, data_
     assert load_ckpt(tmp_path / icm.LAST_CHECKPOINT)["epoch"] == 1  # epoch 0's checkpoint, intact
     last = read_jsonl(tmp_path / icm.LOG_JSONL)[-1]
     assert last["event"] == "non_finite_loss" and (last["epoch"], last["step"]) == (1, 1)
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    (("--seed", "123"), "ConfigError", "--seed 123 differs"),
+    (("--epochs", "4"), "ConfigError", "schedule of 3 epochs"),
+    (("--optimizer", "AdamW"), "CheckpointMismatchError", "AdamW"),
+])
+def test_resume_refuses_settings_that_break_exact_continuation(tmp_path, data_root, tiny_cfg, extra, error, match):
+    common = {"--epochs": "3", "--warmup-epochs": "3", "--optimizer": "Lion", "--seed": "7"}
+    run_main(tiny_cfg, data_root, tmp_path / "run", *sum(common.items(), ()), "--stop-epoch", "1")
+    ckpt = tmp_path / "run" / icm.LAST_CHECKPOINT
+    before = ckpt.read_bytes()
+    args = dict(common, **dict(zip(extra[::2], extra[1::2])))
+    with pytest.raises(Exception) as e:
+        run_main(tiny_cfg, data_root, tmp_path / "run", *sum(args.items(), ()), "--resume", str(ckpt))
+    assert type(e.value).__name__ == error and match in str(e.value)
+    assert ckpt.read_bytes() == before  # nothing saved is lost
