@@ -245,10 +245,15 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
         _check_resumed_config(ckpt, _model_config(args, num_classes, net), args.resume, len(net.blocks))
         set_legacy_token_layout(net, _resumed_token_layout(ckpt, args))
         start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
+        # An exact continuation needs the interrupted run's schedule length and seed (data order, reseeding).
         planned = getattr(scheduler.lr_lambdas[0], "epochs", args.epochs)
         if not args.evaluate and planned != args.epochs:
-            _LOG.warning("the resumed LR schedule is the checkpoint's (cosine over %d epochs), not one over "
-                         "--epochs %d", planned, args.epochs)
+            raise ConfigError(f"{args.resume} follows a cosine schedule over {planned} epochs, but the command "
+                              f"asks for --epochs {args.epochs}; resume with the same --epochs")
+        saved_seed = (ckpt.get("config") or {}).get("seed")
+        if not args.evaluate and isinstance(saved_seed, int) and saved_seed != args.seed:
+            raise ConfigError(f"--seed {args.seed} differs from the seed {saved_seed} of {args.resume}; pass "
+                              f"--seed {saved_seed} to continue that run exactly")
         _LOG.info("resumed from %s at epoch %d (best top-1 so far: %s)", args.resume, start_epoch, best)
 
     if args.evaluate:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cbsa_core.engine import ConfigError
 import timm
 import torch
 import yaml
@@ -152,6 +154,11 @@ def test_resume_with_other_variant_is_refused(data, init_file, tmp_path):
     # The same blocks listed in another order are the same model.
     ev = main(argv(data, out, "--layers", "1", "0", "--evaluate", "--resume", ckpt))
     assert ev["val"]["num_images"] == 18
+    # Training on from it needs the same schedule length and seed, or it would not continue the run exactly.
+    with pytest.raises(ConfigError, match="cosine schedule over 1 epochs"):
+        main(argv(data, out, "--epochs", "2", "--resume", ckpt))
+    with pytest.raises(ConfigError, match="--seed 5 differs from the seed 0"):
+        main(argv(data, out, "--epochs", "1", "--seed", "5", "--resume", ckpt))
 
 
 def _authors_file(src: Path, dst: Path) -> Path:
