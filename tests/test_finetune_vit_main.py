@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cbsa_core.engine import ConfigError
 import timm
 import torch
 import yaml
 from PIL import Image
 
 from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint
+from cbsa_core.engine import ConfigError
 from finetune_vit.main import main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
