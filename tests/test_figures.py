@@ -31,13 +31,7 @@ STD = np.array([0.229, 0.224, 0.225])
 TINY = dict(num_classes=10, dim=64, heads=2, dim_head=32, depth=2, image_size=32, patch_size=8, rep_grid=(2, 2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread is faster than waking a pool (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cbt_checkpoint(path: Path, arch: str = "cbt_tiny", seed: int = 0, **overrides) -> tuple:

@@ -21,13 +21,7 @@ from finetune_vit.attention import CBSAStarAttention, CBSAVeeAttention, ReLULine
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add contention (10x slower on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(**overrides) -> torch.nn.Module:

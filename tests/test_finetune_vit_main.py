@@ -23,13 +23,7 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add contention (10x slower on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_imagefolder(root: Path, per_class=(16, 6), size=40) -> Path:

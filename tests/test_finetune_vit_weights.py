@@ -14,13 +14,7 @@ ARCH = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add contention (10x slower on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def source_vit(num_classes: int = 3, **overrides) -> torch.nn.Module:

@@ -167,30 +167,12 @@ def load_training_checkpoint(path: str | os.PathLike, *, model: nn.Module,
         raise CheckpointError(f"resume checkpoint not found: {path}")
     ckpt = load_checkpoint(model, path, strict=strict)
 
-    if optimizer is not None:
-        state = ckpt.get("optimizer")
-        if state:
-            try:
-                optimizer.load_state_dict(state)
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise CheckpointMismatchError(
-                    f"optimizer state in {path} does not fit {type(optimizer).__name__} "
-                    f"(another optimizer, or a model with other parameters?): {e}") from e
-        else:
-            _LOG.warning("%s has no optimizer state: the optimizer starts fresh", path)
-
-    if scheduler is not None:
-        state = ckpt.get("scheduler")
-        if state:
-            try:
-                # LambdaLR restores the lambda object's own fields too (warm-up length, epochs): the resumed run
-                # keeps its original schedule, unlike the release, which dropped the warm-up on resume.
-                scheduler.load_state_dict(state)
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointMismatchError(f"scheduler state in {path} does not fit "
-                                              f"{type(scheduler).__name__}: {e}") from e
-        else:
-            _LOG.warning("%s has no LR-scheduler state: the schedule restarts from its first step", path)
+    # LambdaLR restores the lambda object's own fields too (warm-up length, epochs): the resumed run keeps its
+    # original schedule, unlike the release, which dropped the warm-up on resume.
+    _load_component(optimizer, ckpt.get("optimizer"), path, "optimizer state",
+                    "another optimizer, or a model with other parameters?", "the optimizer starts fresh")
+    _load_component(scheduler, ckpt.get("scheduler"), path, "scheduler state",
+                    "another schedule?", "the schedule restarts from its first step")
 
     if scaler is not None:
         state = ckpt.get("scaler", ckpt.get("loss_scaler"))
@@ -232,3 +214,17 @@ def make_train_sampler(dataset: Dataset, dist_info: DistInfo | None, seed: int, 
                                  drop_last=False)
     sampler.set_epoch(epoch)
     return sampler
+
+
+def _load_component(component: Any, state: Any, path: Path, what: str, hint: str, when_missing: str) -> None:
+    """Load an optimizer's or scheduler's state dict; a state that does not fit raises
+    :class:`CheckpointMismatchError`, a missing one is logged (the component keeps its fresh state)."""
+    if component is None:
+        return
+    if not state:
+        _LOG.warning("%s has no %s: %s", path, what, when_missing)
+        return
+    try:
+        component.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointMismatchError(f"{what} in {path} does not fit {type(component).__name__} ({hint}): {e}") from e
