@@ -8,9 +8,13 @@ Three on-disk layouts are recognised:
   ``{'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler'}`` with ``module.``-prefixed keys.
 * ``authors_segmentation``: the official Segmenter-style files (§1.3.5),
   ``{'model', 'optimizer', 'n_cls', 'lr_scheduler', 'epoch'}`` with a ``variant.yml`` beside them.
+* ``wrapped_state_dict``: another trainer's wrapper around the weights (``state_dict``, ``model`` or
+  ``state_dict_ema``, e.g. timm's ``train.py``), without the release's ``best_acc1``.
+* ``state_dict``: a bare mapping of names to tensors (``torch.save(model.state_dict())``).
 
-A bare ``state_dict`` (a mapping of names to tensors) is accepted too and treated like an authors' file,
-since that is what people extract from the release by hand.
+Which token layout a file's weights were trained with is decided in one place, :func:`resolve_token_layout`:
+only the release's own wrapper implies the legacy layout; every other file without a layout record is loaded
+in the corrected layout, and every loader takes an explicit override.
 
 Every read uses ``torch.load(weights_only=True)``: checkpoints are untrusted input.
 """
@@ -21,7 +25,7 @@ import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,6 +38,7 @@ __all__ = [
     "atomic_save",
     "read_checkpoint",
     "checkpoint_kind",
+    "resolve_token_layout",
     "extract_state_dict",
     "strip_prefix",
     "make_checkpoint",
@@ -106,15 +111,22 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return dict(obj)
 
 
+# Keys under which other trainers store the weights, in the order they are looked up.
+_WRAPPED_WEIGHT_KEYS = ("state_dict", "model", "state_dict_ema")
+
+
 def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
-    """Classify a loaded checkpoint: ``cbsa``, ``authors_classification``, ``authors_segmentation``
-    or ``state_dict``."""
+    """Classify a loaded checkpoint: ``cbsa``, ``authors_classification``, ``authors_segmentation``,
+    ``wrapped_state_dict`` or ``state_dict`` (see the module docstring)."""
     if ckpt.get("format") == FORMAT_NAME:
         return "cbsa"
-    if "state_dict" in ckpt and isinstance(ckpt["state_dict"], Mapping):
+    # The release's main.py (PyTorch's ImageNet example, like CRATE's) always saves best_acc1 beside the weights.
+    if isinstance(ckpt.get("state_dict"), Mapping) and "best_acc1" in ckpt:
         return "authors_classification"
     if "model" in ckpt and isinstance(ckpt["model"], Mapping) and "n_cls" in ckpt:
         return "authors_segmentation"
+    if any(isinstance(ckpt.get(k), Mapping) for k in _WRAPPED_WEIGHT_KEYS):
+        return "wrapped_state_dict"
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return "state_dict"
     raise CheckpointError(
@@ -135,6 +147,8 @@ def extract_state_dict(ckpt: Mapping[str, Any]) -> "OrderedDict[str, torch.Tenso
         sd = ckpt["state_dict"]
     elif kind == "authors_segmentation":
         sd = ckpt["model"]
+    elif kind == "wrapped_state_dict":
+        sd = next(ckpt[k] for k in _WRAPPED_WEIGHT_KEYS if isinstance(ckpt.get(k), Mapping))
     else:
         sd = ckpt
     return strip_prefix(sd)
@@ -235,14 +249,40 @@ def _normalise(value: Any) -> Any:
     return tuple(_normalise(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict:
+def resolve_token_layout(ckpt: Mapping[str, Any], kind: Optional[str] = None,
+                         requested: Optional[bool] = None) -> Tuple[bool, str]:
+    """Whether a checkpoint's weights need the release's legacy token layout, and why (for the log).
+
+    The one rule every loader follows:
+
+    * ``requested`` (True/False) wins: the explicit override for the rare ambiguous file;
+    * this project's files record the layout they were trained with (``model_config.legacy_token_layout``);
+    * the release's own classification wrapper (``{'epoch', 'arch', 'state_dict', 'best_acc1', ...}``) was
+      trained with the legacy layout (its models pool ``tokens[:, :-1]``);
+    * anything else (a bare state dict, ``.safetensors`` weights, another trainer's wrapper) carries no record
+      and is taken to be in the corrected layout.
+    """
+    kind = kind or checkpoint_kind(ckpt)
+    if requested is not None:
+        return bool(requested), "requested explicitly"
+    if kind == "cbsa":
+        legacy = bool((ckpt.get("model_config") or {}).get("legacy_token_layout", False))
+        return legacy, "recorded in this project's checkpoint"
+    if kind == "authors_classification":
+        return True, "the file is in the authors' release format, whose models pool tokens[:, :-1]"
+    return False, (f"a {kind.replace('_', ' ')} file records no layout; pass legacy_token_layout=True "
+                   "(--legacy-token-layout) if its weights were trained by the authors' code")
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
+                    legacy_token_layout: Optional[bool] = None) -> dict:
     """Load the weights of ``path`` into ``model`` and return the whole checkpoint dict.
 
     * This project's files: the recorded ``arch`` and behaviour-changing config (attention type,
       representative grid, head width, patch size, input channels) must match the model's.
-    * Authors' files (or bare state dicts): the recorded ``arch`` (if any) must match, ``module.`` is
-      stripped and, where the model supports it, the legacy token layout of the release
-      (official-code.md §2.1 step 4) is switched on, with a log line.
+    * Authors' files: the recorded ``arch`` (if any) must match and ``module.`` is stripped.
+    * The token layout follows :func:`resolve_token_layout` (``legacy_token_layout`` overrides it) and is
+      logged with its reason, on models that have the switch.
     * Any missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError` listing them.
     """
     ckpt = read_checkpoint(path)
@@ -257,13 +297,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
         if skipped:
             _LOG.warning("partial load of %s: %d key(s) missing or unexpected: %s", path, len(skipped),
                          ", ".join(skipped[:10]))
-    legacy = kind != "cbsa"
     if hasattr(target, "set_legacy_token_layout"):
-        if legacy:
-            _LOG.warning("%s has no cbsa format metadata: treating it as the authors' release and "
-                         "switching on the legacy token layout", path)
-            target.set_legacy_token_layout(True)
-        else:
-            target.set_legacy_token_layout(bool(ckpt.get("model_config", {}).get("legacy_token_layout", False)))
+        legacy, reason = resolve_token_layout(ckpt, kind, legacy_token_layout)
+        _LOG.info("%s: %s token layout (%s)", path, "legacy" if legacy else "corrected", reason)
+        target.set_legacy_token_layout(legacy)
     target.load_state_dict(state_dict, strict=strict)
     return ckpt

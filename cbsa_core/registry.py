@@ -79,7 +79,8 @@ def create_model(name: str, *, pretrained: Optional[str | os.PathLike] = None, n
     """Build a registered model; ``pretrained`` is a local checkpoint path (this project's or the authors').
 
     Overrides are CBT constructor arguments (image_size, patch_size, depth, rep_grid, in_chans, ...).
-    An authors' checkpoint switches on the legacy token layout automatically.
+    The token layout follows the file (:func:`cbsa_core.checkpoint.resolve_token_layout`): only the authors'
+    release format switches on the legacy layout; ``legacy_token_layout=True/False`` overrides it.
     """
     canonical = _resolve(name)
     cfg = model_config(canonical, num_classes=num_classes, **overrides)
@@ -89,7 +90,8 @@ def create_model(name: str, *, pretrained: Optional[str | os.PathLike] = None, n
         raise TypeError(f"invalid override for model {name!r}: {e}") from e
     model.arch = name
     if pretrained is not None:
-        load_checkpoint(model, pretrained)
+        # An explicit legacy_token_layout override also decides how the file's weights are read.
+        load_checkpoint(model, pretrained, legacy_token_layout=overrides.get("legacy_token_layout"))
     return model
 
 

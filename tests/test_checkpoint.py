@@ -80,15 +80,26 @@ def test_authors_checkpoint_reproduces_the_release_logits(case, tmp_path, caplog
             assert (model(img) - expected).abs().max() > 1e-3
 
 
-def test_bare_state_dict_is_treated_as_the_release(tmp_path):
+def test_bare_state_dict_loads_in_the_corrected_layout_unless_overridden(tmp_path):
+    """A bare state dict records no layout: it is read in the corrected layout (the layout of the model that
+    saved it), and legacy_token_layout=True reads release-trained weights extracted by hand."""
+    torch.manual_seed(3)
+    saver = create_model("cbt_tiny", depth=1, image_size=112, patch_size=8).eval()
+    torch.save(saver.state_dict(), tmp_path / "sd.pth")
+    model = create_model("cbt_tiny", depth=1, image_size=112, patch_size=8, pretrained=tmp_path / "sd.pth").eval()
+    assert not any(a.legacy_token_layout for a in model.attention_layers)
+    img = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(img), saver(img))
+
     reference = ref.randomize_(ref.build("Ours_tiny", depth=1, image_size=112, patch_size=8),
                                generator=torch.Generator().manual_seed(5)).eval()
-    torch.save(reference.state_dict(), tmp_path / "sd.pth")
-    model = create_model("cbt_tiny", depth=1, image_size=112, patch_size=8, pretrained=tmp_path / "sd.pth").eval()
-    assert all(a.legacy_token_layout for a in model.attention_layers)
-    img = torch.randn(2, 3, 112, 112)
+    torch.save(reference.state_dict(), tmp_path / "release_sd.pth")
+    forced = create_model("cbt_tiny", depth=1, image_size=112, patch_size=8, pretrained=tmp_path / "release_sd.pth",
+                          legacy_token_layout=True).eval()
+    assert all(a.legacy_token_layout for a in forced.attention_layers)
     with torch.no_grad():
-        torch.testing.assert_close(model(img), reference(img), rtol=0, atol=1e-4)
+        torch.testing.assert_close(forced(img), reference(img), rtol=0, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -464,7 +464,7 @@ def test_bad_inputs_are_refused_with_the_offending_value(tmp_path):
     assert common.parse_overrides(["depth=2", "rep_grid=[4, 4]"]) == {"depth": 2, "rep_grid": (4, 4)}
     authors = tmp_path / "authors.pth.tar"
     model = cbsa_core.create_model("cbt_tiny", **TINY)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 1}, authors)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 1, "best_acc1": 0.0}, authors)
     with pytest.raises(ValueError, match=r"authors.pth.tar has no arch record .*--arch"):
         common.build_model(None, str(authors))
     loaded = common.build_model("cbt_tiny", str(authors), TINY)
