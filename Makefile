@@ -1,4 +1,4 @@
-# `make test` and `make demo` build .venv from nothing when it is missing.
+# `make test` and `make demo` build .venv from nothing when it is missing (or when pyproject.toml/constraints.txt change).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -7,10 +7,12 @@ VPY := $(VENV)/bin/python
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml declares version ranges; constraints.txt pins the exact set installed here (torch 2.14.1,
+# torchvision 0.29.1, timm 1.0.31, ...), so every machine tests the same environment.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip setuptools wheel
-	$(VPY) -m pip install -e '.[test]'
+	$(VPY) -m pip install -c constraints.txt -e '.[test]'
 	touch $@
 
 test: venv
