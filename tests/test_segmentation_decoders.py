@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,9 @@ from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError, save_
 from segmentation_reference import (RefDecoderLinear, RefDepictMaskTransformer, RefSegmenter,
                                     RefSegmenterMaskTransformer, RefTostMaskTransformer, RefViT, perturb_norms_,
                                     segmenter_variant, write_release_checkpoint)
-from semantic_segmentation import (DECODERS, build_dataset, build_decoder, create_segmenter, decoder_flops,
-                                   default_model_config, evaluate_miou, load_model, save_pretrained)
+from semantic_segmentation import (DECODERS, build_dataset, build_decoder, create_encoder, create_segmenter,
+                                   decoder_flops, default_model_config, evaluate_miou, load_model,
+                                   load_pretrained_encoder, save_pretrained)
 from semantic_segmentation import eval as seg_eval
 from semantic_segmentation import main as seg_main
 from test_segmentation_data import N_CLS as TOY_CLS
@@ -103,6 +105,10 @@ def test_segmenter_attention_maps_are_its_get_attention_map():
     snet0, cnet0 = depict.attention_maps(x, (4, 4))[0], depict.attention_maps(x, (4, 4))[2]
     assert snet0.shape == (2, 2, 16, 16) and cnet0.shape == (2, 2, N_CLS, 16)  # classes attend to the patches
     torch.testing.assert_close(cnet0.sum(-1), torch.ones(2, 2, N_CLS))
+    for name in ("depict_sa", "tssa"):  # over all 16 + K tokens; DEPICT's rows are softmaxes over the tokens
+        (first, *_) = build_decoder(_ref_decoder(name, 48)[1], N_CLS, 48).attention_maps(x, (4, 4))
+        assert first.shape[-2:] == (16 + N_CLS, 16 + N_CLS)
+    torch.testing.assert_close(first.sum(1), torch.ones(2, 16 + N_CLS, 16 + N_CLS))  # TSSA: softmax over heads
     with pytest.raises(ValueError, match="no attention layers"):
         build_decoder(dict(name="linear"), N_CLS, 48).attention_maps(x, (4, 4))
 
@@ -156,6 +162,23 @@ def test_release_checkpoint_loads_with_exact_outputs(tmp_path, kind, distilled):
         x = torch.randn(2, 3, h, w)
         with torch.no_grad():
             torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=0)
+
+
+def test_distilled_backbone_takes_pretrained_deit_weights(tmp_path):
+    """Seg-B-dagger's encoder: [CLS] and [DIST] keep their position embeddings when the grid is resized."""
+    torch.manual_seed(0)
+    src = create_encoder("deit_base_distilled_patch16_384", (64, 64), d_model=32, n_heads=2, n_layers=1)
+    assert src.distilled == 1 and tuple(src.pos_embed.shape) == (1, 2 + 16, 32)
+    torch.save({"model": src.state_dict()}, tmp_path / "deit.pth")  # a DeiT release file holds {"model": ...}
+    dst = create_encoder("deit_base_distilled_patch16_384", (96, 96), d_model=32, n_heads=2, n_layers=1)
+    load_pretrained_encoder(dst, tmp_path / "deit.pth")
+    torch.testing.assert_close(dst.pos_embed[:, :2], src.pos_embed[:, :2], atol=0, rtol=0)
+    grid = src.pos_embed[:, 2:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(dst.pos_embed[:, 2:], want.permute(0, 2, 3, 1).reshape(1, 36, 32))
+    torch.testing.assert_close(dst.dist_token, src.dist_token, atol=0, rtol=0)
+    assert default_model_config("deit_base_distilled_patch16_384")["distilled"] is True
+    assert default_model_config("deit_base_distilled_patch16_384")["normalization"] == "deit"
 
 
 @pytest.mark.parametrize("kind", ["depict_sa", "depict_ca", "segmenter_mask_transformer"])
@@ -435,7 +458,7 @@ def test_decoder_flags_that_do_not_fit_are_refused_before_any_work(tmp_path, cap
     assert seg_main.main(TRAIN_ARGS + args + ["--data-root", str(tmp_path / "none"), "--log-dir",
                                               str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
@@ -463,7 +486,7 @@ def test_help_lists_every_decoder(capsys):
 def test_robustness_perturbs_exactly_each_decoders_attention_layers(name, expected):
     model = create_segmenter(_tiny_config(name))
     chosen = [n for n, _ in robustness.select_parameters(model)]
-    want = [n for n, _ in model.named_parameters() if __import__("re").fullmatch(expected, n)]
+    want = [n for n, _ in model.named_parameters() if re.fullmatch(expected, n)]
     assert chosen == want and len(want) >= 2
     if name == "depict_ca":
         assert any(".snet." in n for n in chosen) and any(".cnet." in n for n in chosen)
