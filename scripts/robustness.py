@@ -8,7 +8,11 @@ restored; this is repeated for every σ and seed and the curve is the mean over 
 Module set (``--modules``):
     ``attention`` (default): every attention layer, i.e. ``model.attention_layers`` of a CBT classifier
     (projection, output projection with its bias unless tied as in CBSA†, the step sizes η and κ) or the
-    CBSA layers of a segmentation model's decoder (``model.decoder.attention_layers``), as in the paper;
+    attention layers of a segmentation model's decoder (``model.decoder.attention_layers``), as in the paper:
+    CBSA for CBT/CBT† (``proj``, ``to_out``, ``step_x``, ``step_rep``), DEPICT's tied MSSA (``proj``,
+    ``step_size``; DEPICT-CA: snet and cnet), TSSA for ToST (``qkv``, ``to_out``, ``temp``), and MHSA for
+    Segmenter's mask transformer (``attn.qkv``, ``attn.proj``; not its MLPs). Segmenter's linear decoder has
+    no attention layer (pass patterns);
     otherwise comma-separated shell patterns over parameter names, e.g. ``'transformer.layers.*.0.fn.*'``.
 
 Noise: for seed s, one ``torch.Generator`` seeded with s draws N(0, 1) for the selected parameters in
@@ -24,8 +28,10 @@ Tasks:
         checkpoint is evaluated on ``--data`` (ImageFolder, 224 centre crop). Without a checkpoint: random
         weights of the demo's model (``configs/classification/digits.yaml``) on the digits; a random model
         is near chance (about 10 %), so only the demo checkpoint gives a meaningful curve.
-    ``segmentation``: mIoU of ``semantic_segmentation.load_model(--checkpoint)`` on ``--data`` (``--dataset
-        ade20k`` or ``folder``, validation split; ``--max-images`` evaluates a prefix), lazily imported.
+    ``segmentation``: mIoU of ``semantic_segmentation.load_model(--checkpoint)`` (any decoder: this project's
+        checkpoints, pretrained folders, CBSA's, Segmenter's and DEPICT's files) on ``--data`` (``--dataset
+        ade20k`` or ``folder``, validation split; ``--max-images`` evaluates a prefix), lazily imported. The
+        test scale, window and stride default to those ``eval.py`` uses for the checkpoint.
 
 Outputs (``--out``): ``robustness.csv`` (sigma, seed, metric), ``curve.csv`` (sigma, mean, std, min, max),
 ``robustness.json`` and ``robustness.png`` (mean ± std against σ, log axis; the clean metric as a line).
@@ -34,6 +40,7 @@ Example::
 
     python scripts/robustness.py --checkpoint runs/demo/model_best.pth.tar --seeds 0 1 2
     python scripts/robustness.py --task segmentation --checkpoint seg.pth --data /data/ade20k --max-images 50
+    python scripts/robustness.py --task segmentation --checkpoint log/DEPICT-SA-Tiny/checkpoint.pth --data ADE
 """
 from __future__ import annotations
 
@@ -68,6 +75,8 @@ def select_parameters(model: nn.Module, modules: str = "attention") -> Params:
             raise ValueError(f"{type(model).__name__} has no attention_layers; pass --modules PATTERNS")
         wanted = {id(p) for layer in owner.attention_layers for p in layer.parameters()}
         params = [(n, p) for n, p in model.named_parameters() if id(p) in wanted]
+        if not params:
+            raise ValueError(f"{type(owner).__name__} has no attention layers to perturb; pass --modules PATTERNS")
     else:
         patterns = [p.strip() for p in modules.split(",") if p.strip()]
         params = [(n, p) for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
@@ -167,13 +176,19 @@ def segmentation_task(args: argparse.Namespace) -> Tuple[nn.Module, MetricFn, st
         raise RuntimeError(f"--task segmentation needs the semantic_segmentation track: {e}") from e
     if args.checkpoint is None or args.data is None:
         raise ValueError("--task segmentation needs --checkpoint (a segmentation checkpoint) and --data")
+    from semantic_segmentation.pretrained import inference_settings
+
     model = load_model(args.checkpoint)
-    extra = dict(im_size=args.im_size) if args.im_size else {}
-    dataset = build_dataset(args.dataset, args.data, "val", n_cls=model.decoder.n_cls, **extra)
-    kwargs = {k: v for k, v in dict(window_size=args.window_size, window_stride=args.window_stride).items() if v}
+    defaults = inference_settings(model)  # what eval.py uses for this checkpoint
+    window = args.window_size or defaults["window_size"]
+    stride = args.window_stride or (window - 32 if args.window_size else defaults["window_stride"])
+    dataset = build_dataset(args.dataset, args.data, "val", mode="eval", n_cls=model.n_cls,
+                            im_size=args.im_size or defaults["im_size"],
+                            normalization=model.model_config["normalization"])
 
     def miou(net: nn.Module) -> float:
-        return float(evaluate_miou(net, dataset, max_images=args.max_images, **kwargs)["mean_iou"])
+        return float(evaluate_miou(net, dataset, window_size=window, window_stride=max(stride, 1),
+                                   max_images=args.max_images)["mean_iou"])
 
     return model, miou, "mIoU (%)", Path(args.checkpoint).name
 
@@ -218,9 +233,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=("ade20k", "folder"), default="ade20k")
     parser.add_argument("--max-images", type=int, default=None, help="segmentation: evaluate the first N images")
     parser.add_argument("--im-size", type=int, default=None, help="segmentation: short side of the test scale "
-                        "(default: the dataset's, 512 for ADE20K)")
-    parser.add_argument("--window-size", type=int, default=None, help="segmentation: sliding window (default 512)")
-    parser.add_argument("--window-stride", type=int, default=None, help="segmentation: window stride (default 480)")
+                        "(default: the checkpoint's run, else its crop; 512 for ADE20K)")
+    parser.add_argument("--window-size", type=int, default=None,
+                        help="segmentation: sliding window (default: the checkpoint's crop, 512)")
+    parser.add_argument("--window-stride", type=int, default=None,
+                        help="segmentation: window stride (default: window - 32, 480)")
     parser.add_argument("--out", default="runs/robustness", help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.sigmas):

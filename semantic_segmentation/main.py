@@ -41,9 +41,10 @@ from cbsa_core.engine import (ConfigError, JsonlLogger, PolynomialLambda, Tensor
                               parse_args_with_config, save_training_checkpoint, seed_everything, setup_logging,
                               train_one_epoch, unwrap_model, wrap_ddp)
 from semantic_segmentation.data import DATASET_DEFAULTS, DatasetError, build_dataset, resolve_data_root
+from semantic_segmentation.decoders import DECODER_SUMMARIES, DECODERS
 from semantic_segmentation.encoder import BACKBONES, pretrained_weights_hint
 from semantic_segmentation.inference import evaluate_miou
-from semantic_segmentation.model import ARCH, check_rep_grid, create_segmenter, default_model_config
+from semantic_segmentation.model import ARCH, create_segmenter, default_model_config
 from semantic_segmentation.transforms import IGNORE_INDEX
 from semantic_segmentation.yaml_files import write_yaml_atomic
 
@@ -53,7 +54,8 @@ CHECKPOINT_NAME = "checkpoint.pth"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train Segmenter + CBT decoder (semantic segmentation)",
+    p = argparse.ArgumentParser(description="Train a Segmenter ViT encoder + a segmentation decoder (CBT by "
+                                "default; --decoder picks the baselines)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (keys = option names with underscores); "
                    "command-line options override it")
@@ -65,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=False,
                    help="--dataset folder only: map label 0 to ignore and k to k-1 (ADE20K always does)")
     p.add_argument("--backbone", default=None, help=f"encoder: {', '.join(BACKBONES)}")
-    p.add_argument("--decoder", default="mask_transformer", choices=["mask_transformer"])
+    p.add_argument("--decoder", default="mask_transformer", choices=list(DECODERS), metavar="NAME",
+                   help="decoder, with its released settings as defaults: "
+                   + "; ".join(f"{name} = {summary}" for name, summary in DECODER_SUMMARIES.items()))
     p.add_argument("--im-size", type=int, default=None, help="short side of the base scale (dataset default 512)")
     p.add_argument("--crop-size", type=int, default=None, help="training crop (dataset default 512)")
     p.add_argument("--window-size", type=int, default=None, help="validation window (default: crop size)")
@@ -89,13 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained-file", default=None,
                    help="local ImageNet weights of the backbone (.npz, .safetensors or .pth); nothing downloads")
     p.add_argument("--from-scratch", action="store_true", help="train without pretrained encoder weights")
-    # Decoder (release: 3 layers, 3 heads x 100, 10x10 representatives) and its CBT-dagger variant.
-    p.add_argument("--dec-layers", type=int, default=None)
-    p.add_argument("--dec-heads", type=int, default=None)
-    p.add_argument("--dec-dim-head", type=int, default=None)
-    p.add_argument("--rep-grid", type=int, nargs=2, default=None, metavar=("RH", "RW"))
+    # Decoder settings; unset ones take the chosen decoder's released value, and a setting the decoder does
+    # not have is refused.
+    p.add_argument("--dec-layers", type=int, default=None, help="decoder layers (CBT, DEPICT, ToST: 3; Segmenter: "
+                   "2; DEPICT-CA: its snet)")
+    p.add_argument("--dec-heads", type=int, default=None, help="decoder heads (3; Segmenter: width // 64)")
+    p.add_argument("--dec-dim-head", type=int, default=None, help="head width (CBT, DEPICT: 100)")
+    p.add_argument("--rep-grid", type=int, nargs=2, default=None, metavar=("RH", "RW"),
+                   help="CBT: representative grid (10 10)")
     p.add_argument("--tied-output", action=argparse.BooleanOptionalAction, default=None,
                    help="CBT-dagger decoder: project back with the basis")
+    p.add_argument("--dec-dropout", type=float, default=None,
+                   help="decoder dropout (Segmenter: 0.1; DEPICT: 0.0, on the attention weights)")
+    p.add_argument("--dec-drop-path", type=float, default=None, help="Segmenter decoder stochastic depth (0.0)")
+    p.add_argument("--dec-d-model", type=int, default=None, help="Segmenter decoder width (the encoder's)")
+    p.add_argument("--dec-d-ff", type=int, default=None, help="Segmenter decoder MLP width (4 x its width)")
+    p.add_argument("--dec-cross-layers", type=int, default=None, help="DEPICT-CA cross-attention layers (3)")
+    p.add_argument("--dec-cross-dim-head", type=int, default=None, help="DEPICT-CA cross-attention head width (50)")
     # Encoder shape overrides (small test models; the named backbones set these).
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--enc-heads", type=int, default=None)
@@ -143,23 +157,26 @@ def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
     return s
 
 
+# Decoder setting -> the flag that sets it (decoders.resolve_decoder_config names these in its errors).
+DECODER_FLAGS = dict(n_layers="--dec-layers", n_heads="--dec-heads", dim_head="--dec-dim-head",
+                     rep_grid="--rep-grid", tied_output="--tied-output", dropout="--dec-dropout",
+                     drop_path_rate="--dec-drop-path", d_model="--dec-d-model", d_ff="--dec-d-ff",
+                     cross_layers="--dec-cross-layers", cross_dim_head="--dec-cross-dim-head")
+
+
 def model_config_from_args(args: argparse.Namespace, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The model config of the command line, checked before any data is read or a model built."""
     if not args.backbone:
         raise ConfigError(f"--backbone is required; valid: {', '.join(BACKBONES)}")
-    decoder = dict(n_layers=args.dec_layers, n_heads=args.dec_heads, dim_head=args.dec_dim_head,
-                   rep_grid=args.rep_grid, tied_output=args.tied_output)
+    decoder = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in DECODER_FLAGS.items()}
     try:
-        config = default_model_config(args.backbone, n_cls=settings["n_cls"], crop_size=settings["crop_size"],
-                                      drop_path_rate=args.drop_path, dropout=args.dropout, decoder=decoder,
-                                      d_model=args.d_model, n_heads=args.enc_heads, n_layers=args.enc_layers,
-                                      patch_size=args.patch_size, normalization=args.normalization)
+        return default_model_config(args.backbone, n_cls=settings["n_cls"], crop_size=settings["crop_size"],
+                                    drop_path_rate=args.drop_path, dropout=args.dropout,
+                                    decoder=dict(name=args.decoder, **decoder), decoder_setting_names=DECODER_FLAGS,
+                                    d_model=args.d_model, n_heads=args.enc_heads, n_layers=args.enc_layers,
+                                    patch_size=args.patch_size, normalization=args.normalization)
     except ValueError as e:
-        raise ConfigError(f"--backbone: {e}") from None
-    try:  # before any data is read or a model built
-        check_rep_grid(config["image_size"], config["patch_size"], config["decoder"]["rep_grid"])
-    except ValueError as e:
-        raise ConfigError(f"--crop-size/--rep-grid: {e}") from None
-    return config
+        raise ConfigError(f"--backbone {args.backbone} --decoder {args.decoder}: {e}") from None
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:

@@ -625,8 +625,12 @@ def test_representative_grid_larger_than_the_crop_grid_fails_early(toy_root, tmp
     assert ("crop size 64x64 with patch 16 gives a 4x4 patch grid, smaller than the decoder's representative grid "
             "5x2") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="4x4 patch grid, smaller than the decoder's representative grid 2x5"):
+        default_model_config("test", n_cls=3, crop_size=64, d_model=32, n_heads=2, n_layers=1,
+                             decoder=dict(n_layers=1, n_heads=2, dim_head=8, rep_grid=[2, 5]))
     cfg = default_model_config("test", n_cls=3, crop_size=64, d_model=32, n_heads=2, n_layers=1,
-                               decoder=dict(n_layers=1, n_heads=2, dim_head=8, rep_grid=[2, 5]))
+                               decoder=dict(n_layers=1, n_heads=2, dim_head=8, rep_grid=[2, 4]))
+    cfg["decoder"]["rep_grid"] = [2, 5]  # a config edited by hand is checked when the model is built
     with pytest.raises(ValueError, match="4x4 patch grid, smaller than the decoder's representative grid 2x5"):
         create_segmenter(cfg)
 

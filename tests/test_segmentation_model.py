@@ -2,8 +2,8 @@
 the authors' checkpoint format (variant.yml beside it), this project's checkpoints and pretrained-encoder files.
 
 The reference below restates official-code.md §2.2 (decoder attention, with the release's hard-coded slicing
-style but parametrised constants), §4.1 (MaskTransformer, Segmenter.forward) and Segmenter's ViT. It shares no
-code with the package.
+style but parametrised constants) and §4.1 (MaskTransformer, Segmenter.forward); Segmenter's ViT comes from
+``segmentation_reference``. Neither shares code with the package.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import save_file
 
 from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError, atomic_save, save_model_checkpoint
+from segmentation_reference import RefViT
 from semantic_segmentation import (MaskTransformer, create_segmenter, default_model_config, load_model,
                                    load_pretrained_encoder)
 
@@ -96,76 +97,6 @@ class RefMaskTransformer(nn.Module):
         masks = self.mask_norm(patches @ cls_feat.transpose(1, 2))
         gh = H // self.patch_size
         return masks.reshape(x.size(0), gh, masks.shape[1] // gh, self.n_cls).permute(0, 3, 1, 2)
-
-
-class RefBlockAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5, dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class RefMlp(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class RefBlock(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), RefBlockAttention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim), RefMlp(dim)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class RefPatchEmbed(nn.Module):
-    def __init__(self, dim, patch):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, patch, patch)
-
-
-class RefViT(nn.Module):
-    """Segmenter's vit.py: pos_embed for the crop grid, resized bilinearly (segm/model/utils.resize_pos_embed)."""
-
-    def __init__(self, crop, patch, dim, depth, heads):
-        super().__init__()
-        self.patch, self.grid = patch, crop // patch
-        self.patch_embed = RefPatchEmbed(dim, patch)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, self.grid ** 2 + 1, dim))
-        self.blocks = nn.ModuleList([RefBlock(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, 1000)
-
-    def forward(self, im):
-        b, _, H, W = im.shape
-        x = self.patch_embed.proj(im).flatten(2).transpose(1, 2)
-        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
-        pos = self.pos_embed
-        if x.shape[1] != pos.shape[1]:
-            tok, grid = pos[:, :1], pos[0, 1:]
-            grid = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(H // self.patch, W // self.patch), mode="bilinear")
-            pos = torch.cat([tok, grid.permute(0, 2, 3, 1).reshape(1, -1, grid.shape[1])], dim=1)
-        x = x + pos
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
 
 
 class RefSegmenter(nn.Module):
