@@ -41,6 +41,7 @@ __all__ = [
     "read_checkpoint",
     "checkpoint_kind",
     "recorded_token_layout",
+    "decide_token_layout",
     "resolve_token_layout",
     "check_arch",
     "extract_state_dict",
@@ -305,21 +306,25 @@ def recorded_token_layout(ckpt: Mapping[str, Any], kind: Optional[str] = None) -
     return None, f"a {kind.replace('_', ' ')} file records no layout"
 
 
-def resolve_token_layout(ckpt: Mapping[str, Any], kind: Optional[str] = None,
-                         requested: Optional[bool] = None) -> Tuple[bool, str]:
-    """Whether a checkpoint's weights need the release's legacy token layout, and why (for the log).
-
-    The one rule every loader follows: ``requested`` (True/False) wins, the explicit override for the rare
-    ambiguous file; otherwise the file's own record (:func:`recorded_token_layout`); a file without one is
-    taken to be in the corrected layout.
-    """
+def decide_token_layout(recorded: Optional[bool], requested: Optional[bool] = None,
+                        record_reason: str = "recorded in the file") -> Tuple[bool, str]:
+    """The one rule every loader follows, on what a file records (:func:`recorded_token_layout`):
+    ``requested`` (True/False) wins, the explicit override for the rare ambiguous file; otherwise the file's
+    record; a file without one is taken to be in the corrected layout. Returns (legacy, reason for the log)."""
     if requested is not None:
         return bool(requested), "requested explicitly"
-    recorded, reason = recorded_token_layout(ckpt, kind)
     if recorded is None:
-        return False, (f"{reason}; pass legacy_token_layout=True (--legacy-token-layout) if its weights were "
+        return False, (f"{record_reason}; pass legacy_token_layout=True (--legacy-token-layout) if its weights were "
                        "trained by the authors' code")
-    return recorded, reason
+    return bool(recorded), record_reason
+
+
+def resolve_token_layout(ckpt: Mapping[str, Any], kind: Optional[str] = None,
+                         requested: Optional[bool] = None) -> Tuple[bool, str]:
+    """Whether a checkpoint's weights need the release's legacy token layout, and why (for the log):
+    :func:`decide_token_layout` on the checkpoint's :func:`recorded_token_layout`."""
+    recorded, reason = recorded_token_layout(ckpt, kind)
+    return decide_token_layout(recorded, requested, reason)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,

@@ -524,7 +524,7 @@ def _checkpoint_grid(num_tokens: int, model: CBT, checkpoint: Optional[Mapping[s
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CBT,
                          checkpoint: Optional[Mapping[str, Any]] = None,
-                         source: str = "pretrained weights") -> Dict[str, torch.Tensor]:
+                         source: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """timm's pretrained filter: weights of any source -> this model's keys, its token layout set.
 
     * the token layout: :func:`cbsa_core.checkpoint.resolve_token_layout` on ``checkpoint`` (the whole file as
@@ -536,6 +536,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CBT,
       differences), except what timm adapts next: a classifier of another class count, a first conv of
       another input-channel count.
     """
+    if source is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        source = f"pretrained weights {cfg.get('file') or cfg.get('hf_hub_id') or ''}".rstrip()
     state_dict = clean_state_dict(dict(state_dict))
     legacy, reason = resolve_token_layout(checkpoint if checkpoint is not None else state_dict, None,
                                           getattr(model, "requested_legacy_token_layout", None))
@@ -595,7 +598,7 @@ def _default_cfgs() -> Dict[str, Dict[str, Any]]:
             cfgs[f"{name}.authors_in1k"] = _cfg(
                 min_input_size=minimum,
                 notes=("The release's ImageNet-1K checkpoint (Google Drive link in its README model zoo); nothing "
-                       "downloads: pretrained_cfg_overlay=dict(file=PATH). It loads in the legacy token layout.",))
+                       "downloads: fetch it and pass pretrained_cfg_overlay=dict(file=PATH).",))
         else:
             cfgs[name] = _cfg(min_input_size=minimum)
     return cfgs
