@@ -241,7 +241,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
 
 
 # model_config entries that change what a model computes without changing its parameter shapes.
-_BEHAVIOUR_KEYS = ("attn", "rep_grid", "dim_head", "patch_size", "in_chans")
+_BEHAVIOUR_KEYS = ("attn", "rep_grid", "dim_head", "patch_size", "in_chans", "global_pool")
 
 
 def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,

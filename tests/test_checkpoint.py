@@ -286,6 +286,7 @@ def test_authors_file_of_another_registered_arch_is_refused(tmp_path):
 @pytest.mark.parametrize("saved, loaded, field", [
     (dict(rep_grid=(4, 4)), dict(), "rep_grid"),
     (dict(attn="agent"), dict(), "attn"),
+    (dict(global_pool="avg"), dict(), "global_pool"),
 ])
 def test_own_file_with_another_behaviour_config_is_refused(saved, loaded, field, tmp_path):
     model, cfg = small("cbt_tiny", **saved)

@@ -487,7 +487,7 @@ class CBT(nn.Module):
         """
         ckpt = read_checkpoint(checkpoint_path)
         kind = checkpoint_kind(ckpt)
-        check_arch(checkpoint_path, ckpt, kind, self, adaptable=("in_chans", "global_pool"))
+        check_arch(checkpoint_path, ckpt, kind, self, adaptable=("in_chans",))
         state_dict = extract_state_dict(ckpt)
         cfg = dict(getattr(self, "pretrained_cfg", None) or _cfg())
         cfg.update(state_dict=state_dict, file=None, url=None, source=None, custom_load=False, label_offset=0)
