@@ -1,6 +1,6 @@
 """Checkpoint I/O: atomic writes, safe reads, the authors' release formats, strict loading.
 
-Three on-disk layouts are recognised:
+These on-disk layouts are recognised:
 
 * ``cbsa``: this project's own files. A dict with ``format == "cbsa"``, ``format_version``,
   ``arch``, ``model_config`` and ``state_dict`` (plus optional training state).
@@ -268,7 +268,8 @@ def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
     if kind == "cbsa":
         saved_cfg, model_cfg = ckpt.get("model_config", {}), getattr(target, "model_config", {})
         diffs = [f"{k}: checkpoint {saved_cfg[k]!r} vs model {model_cfg[k]!r}" for k in _BEHAVIOUR_KEYS
-                 if k not in adaptable and k in saved_cfg and k in model_cfg and _normalise(saved_cfg[k]) != _normalise(model_cfg[k])]
+                 if k not in adaptable and k in saved_cfg and k in model_cfg
+                 and _normalise(saved_cfg[k]) != _normalise(model_cfg[k])]
         if diffs:
             raise CheckpointMismatchError(f"checkpoint {path} was built with another model config:\n    "
                                           + "\n    ".join(diffs))

@@ -14,7 +14,7 @@ from timm.data import create_transform, resolve_data_config
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
-import cbsa_core
+import cbsa_core  # noqa: F401  (registers the CBT family with timm)
 from cbsa_core import CBSA, ISTA, save_model_checkpoint
 from cbsa_core.models.cbt import CLASSIFIER, FIRST_CONV, MODEL_CONFIGS, RELEASE_WEIGHTS
 

@@ -32,8 +32,8 @@ def check_patch_size(patch_size: int, embed_dim: int, *, patch_arg: str = "patch
                          f"got {patch_size!r}")
     halvings = 2 ** (patch_size.bit_length() - 2)   # the first stage has embed_dim / 2^(stages - 1) channels
     if embed_dim <= 0 or embed_dim % halvings:
-        raise ValueError(f"{dim_arg}={embed_dim} must be a positive multiple of {halvings} for {patch_arg}={patch_size} "
-                         f"(the stem's first stage has {dim_arg}/{halvings} channels)")
+        raise ValueError(f"{dim_arg}={embed_dim} must be a positive multiple of {halvings} for "
+                         f"{patch_arg}={patch_size} (the stem's first stage has {dim_arg}/{halvings} channels)")
 
 
 def patch_grid_size(height: int, width: int, patch_size: int) -> Tuple[int, int]:
