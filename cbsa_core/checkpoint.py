@@ -1,6 +1,6 @@
 """Checkpoint I/O: atomic writes, safe reads, the authors' release formats, strict loading.
 
-Three on-disk layouts are recognised:
+These on-disk layouts are recognised:
 
 * ``cbsa``: this project's own files. A dict with ``format == "cbsa"``, ``format_version``,
   ``arch``, ``model_config`` and ``state_dict`` (plus optional training state).
@@ -10,22 +10,24 @@ Three on-disk layouts are recognised:
   ``{'model', 'optimizer', 'n_cls', 'lr_scheduler', 'epoch'}`` with a ``variant.yml`` beside them.
 * ``wrapped_state_dict``: another trainer's wrapper around the weights (``state_dict``, ``model`` or
   ``state_dict_ema``, e.g. timm's ``train.py``), without the release's ``best_acc1``.
-* ``state_dict``: a bare mapping of names to tensors (``torch.save(model.state_dict())``).
+* ``state_dict``: a bare mapping of names to tensors (``torch.save(model.state_dict())``, or a
+  ``.safetensors`` file).
 
 Which token layout a file's weights were trained with is decided in one place, :func:`resolve_token_layout`:
-only the release's own wrapper implies the legacy layout; every other file without a layout record is loaded
+only the release's own formats imply the legacy layout; every other file without a layout record is loaded
 in the corrected layout, and every loader takes an explicit override.
 
-Every read uses ``torch.load(weights_only=True)``: checkpoints are untrusted input.
+Every read uses ``torch.load(weights_only=True)`` (or safetensors): checkpoints are untrusted input.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Collection, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,7 +40,10 @@ __all__ = [
     "atomic_save",
     "read_checkpoint",
     "checkpoint_kind",
+    "recorded_token_layout",
+    "decide_token_layout",
     "resolve_token_layout",
+    "check_arch",
     "extract_state_dict",
     "strip_prefix",
     "make_checkpoint",
@@ -97,8 +102,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a directory, expected a file: {path}")
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path, map_location)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        # timm's train.py stores its argparse.Namespace beside the weights: a plain container, safe to rebuild.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for damaged files (KeyError for text, BadZipFile, ...)
         size = path.stat().st_size
         raise CheckpointError(
@@ -109,6 +118,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return dict(obj)
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> dict:
+    """A ``.safetensors`` file as a bare state dict (its string metadata is not weights and is dropped)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    device = str(map_location) if isinstance(map_location, torch.device) else map_location
+    try:
+        return dict(load_file(str(path), device=device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path} ({path.stat().st_size} bytes): truncated, "
+                              f"corrupt, or not a safetensors file. Original error: {type(e).__name__}: {e}") from e
 
 
 # Keys under which other trainers store the weights, in the order they are looked up.
@@ -141,7 +163,8 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module."
 
 
 def extract_state_dict(ckpt: Mapping[str, Any]) -> "OrderedDict[str, torch.Tensor]":
-    """The model weights of any recognised layout, with ``module.`` prefixes removed."""
+    """The model weights of any recognised layout, with the ``module.`` (DDP) and ``_orig_mod.``
+    (``torch.compile``) prefixes removed, in either order."""
     kind = checkpoint_kind(ckpt)
     if kind in ("cbsa", "authors_classification"):
         sd = ckpt["state_dict"]
@@ -151,7 +174,7 @@ def extract_state_dict(ckpt: Mapping[str, Any]) -> "OrderedDict[str, torch.Tenso
         sd = next(ckpt[k] for k in _WRAPPED_WEIGHT_KEYS if isinstance(ckpt.get(k), Mapping))
     else:
         sd = ckpt
-    return strip_prefix(sd)
+    return strip_prefix(strip_prefix(strip_prefix(sd, "_orig_mod."), "module."), "_orig_mod.")
 
 
 def make_checkpoint(model_state: Mapping[str, torch.Tensor], *, arch: str, model_config: Mapping[str, Any],
@@ -187,12 +210,14 @@ def save_model_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: An
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
-                     source: str = "checkpoint") -> None:
+                     source: str = "checkpoint", ignore: Collection[str] = ()) -> None:
     """Raise :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped key.
 
     With ``strict=False`` only shape mismatches are fatal (a partial load is then explicit, never silent).
+    Keys in ``ignore`` are not compared (a loader adapts them, e.g. a re-initialised classifier).
     """
-    expected = unwrap_model(model).state_dict()
+    expected = {k: v for k, v in unwrap_model(model).state_dict().items() if k not in ignore}
+    state_dict = {k: v for k, v in state_dict.items() if k not in ignore}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [
@@ -216,12 +241,16 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
 
 
 # model_config entries that change what a model computes without changing its parameter shapes.
-_BEHAVIOUR_KEYS = ("attn", "rep_grid", "dim_head", "patch_size", "in_chans")
+_BEHAVIOUR_KEYS = ("attn", "rep_grid", "dim_head", "patch_size", "in_chans", "global_pool")
 
 
-def _check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module) -> None:
+def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
+               adaptable: Tuple[str, ...] = ()) -> None:
     """Refuse a checkpoint saved from another registered arch (aliases are the same arch), or, for this
-    project's files, built with another behaviour-changing config or a newer format."""
+    project's files, built with another behaviour-changing config or a newer format.
+
+    ``adaptable``: config keys a loader adapts itself (``in_chans`` for pretrained weights), not compared.
+    """
     from .registry import ALIASES, MODEL_CONFIGS  # lazy: the registry imports this module
 
     def canonical(name):
@@ -239,7 +268,8 @@ def _check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module) -> 
     if kind == "cbsa":
         saved_cfg, model_cfg = ckpt.get("model_config", {}), getattr(target, "model_config", {})
         diffs = [f"{k}: checkpoint {saved_cfg[k]!r} vs model {model_cfg[k]!r}" for k in _BEHAVIOUR_KEYS
-                 if k in saved_cfg and k in model_cfg and _normalise(saved_cfg[k]) != _normalise(model_cfg[k])]
+                 if k not in adaptable and k in saved_cfg and k in model_cfg
+                 and _normalise(saved_cfg[k]) != _normalise(model_cfg[k])]
         if diffs:
             raise CheckpointMismatchError(f"checkpoint {path} was built with another model config:\n    "
                                           + "\n    ".join(diffs))
@@ -249,29 +279,53 @@ def _normalise(value: Any) -> Any:
     return tuple(_normalise(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def resolve_token_layout(ckpt: Mapping[str, Any], kind: Optional[str] = None,
-                         requested: Optional[bool] = None) -> Tuple[bool, str]:
-    """Whether a checkpoint's weights need the release's legacy token layout, and why (for the log).
+# A state-dict key that only the release's CBSA mask-transformer decoder has (its per-head step sizes).
+_RELEASE_DECODER_KEY = "decoder.net.layers.0.fn.step_x"
 
-    The one rule every loader follows:
 
-    * ``requested`` (True/False) wins: the explicit override for the rare ambiguous file;
+def recorded_token_layout(ckpt: Mapping[str, Any], kind: Optional[str] = None) -> Tuple[Optional[bool], str]:
+    """What a checkpoint itself says about its token layout: True/False with the reason, or None when it
+    records nothing (then the corrected layout applies unless a loader is told otherwise).
+
     * this project's files record the layout they were trained with (``model_config.legacy_token_layout``);
-    * the release's own classification wrapper (``{'epoch', 'arch', 'state_dict', 'best_acc1', ...}``) was
-      trained with the legacy layout (its models pool ``tokens[:, :-1]``);
-    * anything else (a bare state dict, ``.safetensors`` weights, another trainer's wrapper) carries no record
-      and is taken to be in the corrected layout.
+    * the release's classification wrapper (``{'epoch', 'arch', 'state_dict', 'best_acc1', ...}``) was trained
+      with the legacy layout (its models pool ``tokens[:, :-1]``);
+    * the release's Segmenter-format files with its CBSA decoder were too (their decoder has no prefix
+      tokens, so both layouts pool the same grid there);
+    * a bare state dict, ``.safetensors`` weights or another trainer's wrapper record nothing.
     """
     kind = kind or checkpoint_kind(ckpt)
-    if requested is not None:
-        return bool(requested), "requested explicitly"
     if kind == "cbsa":
-        legacy = bool((ckpt.get("model_config") or {}).get("legacy_token_layout", False))
-        return legacy, "recorded in this project's checkpoint"
+        saved = (ckpt.get("model_config") or {}).get("legacy_token_layout")
+        if saved is None:
+            return None, "this project's checkpoint records no layout"
+        return bool(saved), "recorded in this project's checkpoint"
     if kind == "authors_classification":
         return True, "the file is in the authors' release format, whose models pool tokens[:, :-1]"
-    return False, (f"a {kind.replace('_', ' ')} file records no layout; pass legacy_token_layout=True "
-                   "(--legacy-token-layout) if its weights were trained by the authors' code")
+    if kind == "authors_segmentation" and any(k.endswith(_RELEASE_DECODER_KEY) for k in ckpt["model"]):
+        return True, "the file is the authors' Segmenter-format release with its CBSA decoder"
+    return None, f"a {kind.replace('_', ' ')} file records no layout"
+
+
+def decide_token_layout(recorded: Optional[bool], requested: Optional[bool] = None,
+                        record_reason: str = "recorded in the file") -> Tuple[bool, str]:
+    """The one rule every loader follows, on what a file records (:func:`recorded_token_layout`):
+    ``requested`` (True/False) wins, the explicit override for the rare ambiguous file; otherwise the file's
+    record; a file without one is taken to be in the corrected layout. Returns (legacy, reason for the log)."""
+    if requested is not None:
+        return bool(requested), "requested explicitly"
+    if recorded is None:
+        return False, (f"{record_reason}; pass legacy_token_layout=True (--legacy-token-layout) if its weights were "
+                       "trained by the authors' code")
+    return bool(recorded), record_reason
+
+
+def resolve_token_layout(ckpt: Mapping[str, Any], kind: Optional[str] = None,
+                         requested: Optional[bool] = None) -> Tuple[bool, str]:
+    """Whether a checkpoint's weights need the release's legacy token layout, and why (for the log):
+    :func:`decide_token_layout` on the checkpoint's :func:`recorded_token_layout`."""
+    recorded, reason = recorded_token_layout(ckpt, kind)
+    return decide_token_layout(recorded, requested, reason)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
@@ -288,7 +342,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     ckpt = read_checkpoint(path)
     kind = checkpoint_kind(ckpt)
     target = unwrap_model(model)
-    _check_arch(path, ckpt, kind, target)
+    check_arch(path, ckpt, kind, target)
     state_dict = extract_state_dict(ckpt)
     check_state_dict(target, state_dict, strict=strict, source=f"checkpoint {path}")
     if not strict:

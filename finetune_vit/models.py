@@ -36,7 +36,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, check_state_dict, checkpoint_kind,
-                                  read_checkpoint, strip_prefix)
+                                  decide_token_layout, read_checkpoint, recorded_token_layout, strip_prefix)
 
 from .convert import convert_vit
 
@@ -95,18 +95,21 @@ def create_vit(arch: str, *, attention: str = "cbsa_vee", num_classes: Optional[
 
 
 def _resolve_token_layout(requested: Optional[bool], file_layout: Optional[bool], path, attention: str) -> bool:
+    """The core rule (:func:`cbsa_core.checkpoint.decide_token_layout`) on the file's record, with this track's
+    log lines."""
     pooled = attention in ("cbsa_vee", "cbsa_star")  # the only variants that pool a token grid
+    legacy, _ = decide_token_layout(file_layout, requested)
     if requested is None:
         if file_layout and pooled:
             _LOG.info("%s holds the authors' fine-tuned weights (trained with the release's X_q[:, :-1] pooling): "
                       "switching on the legacy token layout (pass --no-legacy-token-layout to keep the corrected "
                       "one)", path)
-        return bool(file_layout)
+        return legacy
     if file_layout is not None and bool(requested) != bool(file_layout) and pooled:
         _LOG.warning("%s was trained with legacy_token_layout=%s, but legacy_token_layout=%s was asked for: the "
                      "pooled representatives will differ from the ones the weights were trained with", path,
                      bool(file_layout), bool(requested))
-    return bool(requested)
+    return legacy
 
 
 def load_pretrained_file(model: VisionTransformer, path: str | os.PathLike) -> Optional[bool]:
@@ -140,16 +143,12 @@ def load_pretrained_file(model: VisionTransformer, path: str | os.PathLike) -> O
 
 
 def _file_token_layout(ckpt: Mapping[str, Any]) -> Optional[bool]:
+    """The layout the file records (:func:`cbsa_core.checkpoint.recorded_token_layout`), None for none."""
     try:
         kind = checkpoint_kind(ckpt)
-    except CheckpointError:  # e.g. a DeiT-style {'model': state_dict} wrapper: plain weights
+    except CheckpointError:  # a layout the core does not classify: plain weights
         return None
-    if kind == "authors_classification":
-        return True
-    if kind == "cbsa":
-        saved = (ckpt.get("model_config") or {}).get("legacy_token_layout")
-        return None if saved is None else bool(saved)
-    return None
+    return recorded_token_layout(ckpt, kind)[0]
 
 
 def _load_state_dict_file(model: VisionTransformer, path: Path, suffix: str) -> Optional[bool]:

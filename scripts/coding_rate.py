@@ -57,7 +57,7 @@ def cbsa_rate_reduction(model: torch.nn.Module, images: torch.Tensor,
                         eps: float = 0.1) -> Dict[int, Dict[str, np.ndarray]]:
     """Per CBSA layer (0-based index): coding rates (images, heads) of every quantity in ``QUANTITIES``."""
     out: Dict[int, Dict[str, np.ndarray]] = {}
-    for li, inter in enumerate(model.forward_intermediates(images)):
+    for li, inter in enumerate(model.forward_analysis(images)):
         layer = model.attention_layers[li]
         if not isinstance(layer, CBSA):
             continue

@@ -286,6 +286,7 @@ def test_authors_file_of_another_registered_arch_is_refused(tmp_path):
 @pytest.mark.parametrize("saved, loaded, field", [
     (dict(rep_grid=(4, 4)), dict(), "rep_grid"),
     (dict(attn="agent"), dict(), "attn"),
+    (dict(global_pool="avg"), dict(), "global_pool"),
 ])
 def test_own_file_with_another_behaviour_config_is_refused(saved, loaded, field, tmp_path):
     model, cfg = small("cbt_tiny", **saved)
@@ -305,3 +306,196 @@ def test_newer_format_version_and_text_files_are_refused(tmp_path):
     text.write_bytes(b"hello world\n" * 10)
     with pytest.raises(CheckpointError, match="notes.pth"):
         read_checkpoint(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact loading everywhere: every writer x every reader gives the writer's logits
+# ------------------------------------------------------------------------------------------------
+TINY_CBT = dict(depth=2, dim=32, heads=2, dim_head=16, image_size=32, patch_size=4, rep_grid=(2, 2), num_classes=5)
+
+
+def _trained_cbt(legacy: bool):
+    """A tiny CBT with arbitrary weights (BatchNorm statistics included) in the given token layout."""
+    model, _ = small("cbt_tiny", seed=11, **TINY_CBT)
+    model.set_legacy_token_layout(legacy)
+    return model
+
+
+def _write_timm_train_checkpoint(model, folder):
+    """timm's own train.py writer (CheckpointSaver): {'epoch', 'arch', 'state_dict', 'optimizer', 'version',
+    'args' (an argparse.Namespace), 'metric', 'saver'}."""
+    import argparse
+
+    from timm.utils import CheckpointSaver
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = CheckpointSaver(model, opt, args=argparse.Namespace(model="cbt_tiny", lr=0.1), checkpoint_dir=str(folder),
+                            recovery_dir=str(folder))
+    saver.save_checkpoint(epoch=3, metric=50.0)
+    return folder / "last.pth.tar"
+
+
+def _write(writer, model, tmp_path):
+    from safetensors.torch import save_file
+
+    if writer == "cbsa":
+        return save_model_checkpoint(model, tmp_path / "own.pth.tar")
+    if writer == "bare":
+        torch.save(model.state_dict(), tmp_path / "bare.pth")
+        return tmp_path / "bare.pth"
+    if writer == "safetensors":
+        save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+        return tmp_path / "w.safetensors"
+    if writer == "timm_train":
+        return _write_timm_train_checkpoint(model, tmp_path)
+    raise AssertionError(writer)
+
+
+def _read(reader, path, **kwargs):
+    import timm
+
+    cfg = {k: v for k, v in TINY_CBT.items()}
+    if reader == "create_model":
+        return create_model("cbt_tiny", pretrained=path, **cfg, **kwargs)
+    if reader == "load_checkpoint":
+        legacy = kwargs.pop("legacy_token_layout", None)
+        model = create_model("cbt_tiny", **cfg, **kwargs)
+        load_checkpoint(model, path, legacy_token_layout=legacy)
+        return model
+    if reader == "timm_pretrained":
+        return timm.create_model("cbt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **cfg,
+                                 **kwargs)
+    if reader == "timm_checkpoint_path":
+        return timm.create_model("cbt_tiny", checkpoint_path=str(path), **cfg, **kwargs)
+    raise AssertionError(reader)
+
+
+WRITERS = ["cbsa", "bare", "safetensors", "timm_train"]
+READERS = ["create_model", "load_checkpoint", "timm_pretrained", "timm_checkpoint_path"]
+
+
+def _logits(model, seed=21):
+    img = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(img)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_writer_and_reader_give_identical_logits_in_the_corrected_layout(writer, reader, tmp_path, caplog):
+    model = _trained_cbt(legacy=False)
+    path = _write(writer, model, tmp_path)
+    with caplog.at_level(logging.INFO, logger="cbsa_core"):
+        loaded = _read(reader, path)
+    assert not any(a.legacy_token_layout for a in loaded.attention_layers)
+    assert torch.equal(_logits(loaded), _logits(model))
+    if reader != "timm_checkpoint_path":       # timm's own reader: the model's constructor layout, no log line
+        assert "corrected token layout" in caplog.text and str(path) in caplog.text
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("writer", WRITERS)
+def test_legacy_weights_load_exactly_where_recorded_or_requested(writer, reader, tmp_path, caplog):
+    """Weights trained in the legacy layout: this project's files record it; a file without a record needs the
+    explicit override (it is taken as corrected otherwise, which gives other logits)."""
+    model = _trained_cbt(legacy=True)
+    path = _write(writer, model, tmp_path)
+    recorded = writer == "cbsa" and reader != "timm_checkpoint_path"
+    if not recorded:
+        plain = _read(reader, path)
+        assert not any(a.legacy_token_layout for a in plain.attention_layers)
+        assert (_logits(plain) - _logits(model)).abs().max() > 1e-4
+    with caplog.at_level(logging.INFO, logger="cbsa_core"):
+        loaded = _read(reader, path) if recorded else _read(reader, path, legacy_token_layout=True)
+    assert all(a.legacy_token_layout for a in loaded.attention_layers)
+    assert torch.equal(_logits(loaded), _logits(model))
+    if reader != "timm_checkpoint_path":
+        reason = "recorded in this project's checkpoint" if recorded else "requested explicitly"
+        assert f"legacy token layout ({reason})" in caplog.text
+
+
+@pytest.mark.parametrize("reader", ["create_model", "load_checkpoint", "timm_pretrained"])
+def test_the_authors_release_file_loads_legacy_through_every_reader(reader, tmp_path, caplog):
+    path = tmp_path / "cbt_tiny_best.pth.tar"
+    overrides = dict(depth=2, image_size=64, patch_size=8)
+    reference = write_authors_checkpoint(path, "Ours_tiny", seed=12, **overrides)
+    import timm
+
+    with caplog.at_level(logging.INFO, logger="cbsa_core"):
+        if reader == "create_model":
+            model = create_model("Ours_tiny", pretrained=path, **overrides)
+        elif reader == "load_checkpoint":
+            model = create_model("Ours_tiny", **overrides)
+            load_checkpoint(model, path)
+        else:
+            model = timm.create_model("cbt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                      **overrides)
+    assert "legacy token layout (the file is in the authors' release format" in caplog.text
+    img = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(img), reference(img), rtol=0, atol=1e-4)
+    # ... and the explicit override wins over the wrapper's record
+    forced = timm.create_model("cbt_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                               legacy_token_layout=False, **overrides)
+    assert not any(a.legacy_token_layout for a in forced.attention_layers)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_timm_hub_export_round_trips_through_local_dir(legacy, tmp_path, caplog):
+    """timm's save_for_hf (model.safetensors + config.json) of a model built by the entrypoint, rebuilt with
+    timm.create_model('local-dir:...'): the layout travels in config.json's model_args."""
+    import json
+
+    import timm
+    from timm.models import save_for_hf
+
+    model = _trained_cbt(legacy=legacy)
+    if legacy:      # as a model loaded from the release would be: the layout was set by the loader
+        path = tmp_path / "release.pth.tar"
+        torch.save({"epoch": 1, "arch": "Ours_tiny", "best_acc1": 1.0,
+                    "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+        model = create_model("cbt_tiny", pretrained=path, **TINY_CBT)
+        assert all(a.legacy_token_layout for a in model.attention_layers)
+    save_for_hf(model, tmp_path / "export", safe_serialization=True)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architecture"] == "cbt_tiny" and config["num_classes"] == 5
+    assert config["model_args"]["legacy_token_layout"] is legacy       # recorded whenever a layout was set
+    with caplog.at_level(logging.INFO, logger="cbsa_core"):
+        rebuilt = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
+    assert all(a.legacy_token_layout is legacy for a in rebuilt.attention_layers)
+    assert torch.equal(_logits(rebuilt), _logits(model))
+    assert f"{'legacy' if legacy else 'corrected'} token layout (requested explicitly)" in caplog.text
+
+
+def test_safetensors_and_timm_train_files_are_read_safely(tmp_path):
+    model = _trained_cbt(legacy=False)
+    timm_file = _write("timm_train", model, tmp_path)
+    raw = read_checkpoint(timm_file)
+    assert checkpoint_kind(raw) == "wrapped_state_dict" and type(raw["args"]).__name__ == "Namespace"
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="broken.safetensors"):
+        read_checkpoint(broken)
+    sd = read_checkpoint(_write("safetensors", model, tmp_path))
+    assert checkpoint_kind(sd) == "state_dict" and sd.keys() == model.state_dict().keys()
+
+
+def test_token_layout_rule_and_records():
+    from cbsa_core.checkpoint import decide_token_layout, recorded_token_layout, resolve_token_layout
+
+    sd = {"w": torch.zeros(1)}
+    release = {"epoch": 1, "arch": "Ours_tiny", "state_dict": sd, "best_acc1": 1.0}
+    timm_wrapper = {"epoch": 1, "arch": "cbt_tiny", "state_dict": sd}
+    own = {"format": "cbsa", "model_config": {"legacy_token_layout": True}, "state_dict": sd}
+    segmenter = {"model": {"decoder.net.layers.0.fn.step_x": torch.zeros(1)}, "n_cls": 150}
+    other_segmenter = {"model": {"decoder.head.weight": torch.zeros(1)}, "n_cls": 150}
+    assert recorded_token_layout(release)[0] is True
+    assert recorded_token_layout(own)[0] is True
+    assert recorded_token_layout(segmenter)[0] is True
+    for plain in (sd, timm_wrapper, other_segmenter, {"format": "cbsa", "model_config": {}, "state_dict": sd}):
+        assert recorded_token_layout(plain)[0] is None
+        assert resolve_token_layout(plain) == (False, resolve_token_layout(plain)[1])
+        assert "pass legacy_token_layout=True" in resolve_token_layout(plain)[1]
+    assert resolve_token_layout(release, requested=False) == (False, "requested explicitly")
+    assert decide_token_layout(None, True) == (True, "requested explicitly")
+    assert decide_token_layout(True, None, "why")[0] is True

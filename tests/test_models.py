@@ -108,7 +108,7 @@ def test_forward_features_and_head_compose_to_forward():
         torch.testing.assert_close(pre, F.layer_norm(feats[:, 0], (192,), model.mlp_head[0].weight,
                                                      model.mlp_head[0].bias))
         torch.testing.assert_close(model.mlp_head[1](pre), model(img))
-        inter = model.forward_intermediates(img)
+        inter = model.forward_analysis(img)
         assert len(inter) == 2
         torch.testing.assert_close(inter[-1]["output"], feats)
         maps, grid = model.attention_maps(img)

@@ -152,6 +152,46 @@ def test_compiled_cbsa_with_dynamic_shapes_serves_several_grids_and_keeps_the_gr
         compiled(torch.randn(2, 20, 32), grid_size=(4, 4))
 
 
+def _tiny_cbt(**kw):
+    torch.manual_seed(10)
+    cfg = dict(depth=2, dim=32, heads=2, dim_head=16, image_size=32, patch_size=4, rep_grid=(2, 2), num_classes=5)
+    model = create_model("crate_cbt_small", **{**cfg, "attn": ["mssa", "cbsa"], **kw})
+    with torch.no_grad():   # non-default BatchNorm statistics, so that eval mode reads them
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_compiled_cbt_with_fullgraph_equals_eager(legacy):
+    """The whole model (conv stem, position-embedding resampling, MSSA and CBSA layers, head) is one graph;
+    the timm fx notrace registrations leave torch.compile untouched."""
+    torch._dynamo.reset()
+    model = _tiny_cbt(legacy_token_layout=legacy).eval()   # eval BatchNorm: both calls see the same statistics
+    img = torch.randn(2, 3, 32, 40, requires_grad=True)     # another grid than the stored one: resampled
+    g = torch.randn(2, 5)
+    call = lambda mod, inp: mod(inp)   # noqa: E731
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out_c, grads_c = _params_and_grads(compiled, img, g, call)
+    out_e, grads_e = _params_and_grads(model, img, g, call)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_cbt_equals_eager():
+    """torch.export of the whole model (strict export; the grid arithmetic is static for a fixed input size)."""
+    model = _tiny_cbt().eval()
+    img = torch.randn(2, 3, 32, 40)
+    exported = torch.export.export(model, (img,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(img), model(img), rtol=1e-6, atol=1e-6)
+        other = torch.randn(2, 3, 32, 40)
+        torch.testing.assert_close(exported.module()(other), model(other), rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Reduced precision and memory formats
 # ------------------------------------------------------------------------------------------------

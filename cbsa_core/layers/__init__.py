@@ -1,4 +1,6 @@
 """Attention layers and building blocks of the CBSA family."""
+from timm.layers import register_notrace_module
+
 from .cbsa import CBSA, adaptive_pool_tokens, check_token_layout
 from .ista import ISTA
 from .linear_attention import LinearAttention
@@ -11,6 +13,11 @@ __all__ = ["CBSA", "MSSA", "TSSA", "ISTA", "LinearAttention", "ConvPatchEmbed", 
            "check_token_layout", "build_attention", "ATTENTION_TYPES"]
 
 ATTENTION_TYPES = ("cbsa", "cbsa_dagger", "agent", "mssa", "tssa")
+
+# torch.fx leaves (timm's notrace registry): CBSA checks and slices its token grid with Python ints and runs
+# custom autograd products; ISTA picks its product order from the number of rows. Traced models call them whole.
+register_notrace_module(CBSA)
+register_notrace_module(ISTA)
 
 
 def build_attention(kind: str, dim: int, heads: int, dim_head: int, **cbsa_kwargs):

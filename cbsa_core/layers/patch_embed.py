@@ -12,12 +12,44 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 
-__all__ = ["ConvPatchEmbed", "conv3x3_bn"]
+__all__ = ["ConvPatchEmbed", "conv3x3_bn", "check_patch_size", "patch_grid_size", "image_patch_grid"]
 
 
 def conv3x3_bn(in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_ch))
+
+
+def check_patch_size(patch_size: int, embed_dim: int, *, patch_arg: str = "patch_size",
+                     dim_arg: str = "embed_dim") -> None:
+    """Refuse a patch size the stem cannot build (a power of two >= 4) or a width its stages cannot halve.
+
+    ``patch_arg`` / ``dim_arg`` are the argument names the caller's user sees (e.g. ``dim`` for CBT).
+    """
+    if not isinstance(patch_size, int) or patch_size < 4 or patch_size & (patch_size - 1):
+        raise ValueError(f"{patch_arg} must be a power of two >= 4 (4, 8, 16, 32, ...) for the stride-2 conv stem, "
+                         f"got {patch_size!r}")
+    halvings = 2 ** (patch_size.bit_length() - 2)   # the first stage has embed_dim / 2^(stages - 1) channels
+    if embed_dim <= 0 or embed_dim % halvings:
+        raise ValueError(f"{dim_arg}={embed_dim} must be a positive multiple of {halvings} for "
+                         f"{patch_arg}={patch_size} (the stem's first stage has {dim_arg}/{halvings} channels)")
+
+
+def patch_grid_size(height: int, width: int, patch_size: int) -> Tuple[int, int]:
+    """(H, W) -> the token grid (H/p, W/p); refuses sizes the patch size does not divide."""
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} does not divide by the patch size {patch_size}; resize or "
+                         f"crop to a multiple of {patch_size}")
+    return height // patch_size, width // patch_size
+
+
+@register_notrace_function  # torch.fx: the grid is Python ints read from the input's shape, not graph values
+def image_patch_grid(images: torch.Tensor, patch_size: int, in_chans: int) -> Tuple[int, int]:
+    """Check a batch of images (B, in_chans, H, W) and return its token grid (H/p, W/p)."""
+    if images.dim() != 4 or images.shape[1] != in_chans:
+        raise ValueError(f"ConvPatchEmbed: expected images (B, {in_chans}, H, W), got {tuple(images.shape)}")
+    return patch_grid_size(int(images.shape[-2]), int(images.shape[-1]), patch_size)
 
 
 class ConvPatchEmbed(nn.Module):
@@ -25,12 +57,10 @@ class ConvPatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
-        if patch_size < 4 or patch_size & (patch_size - 1):
-            raise ValueError(f"ConvPatchEmbed: patch_size must be a power of two >= 4, got {patch_size}")
+        check_patch_size(patch_size, embed_dim)
+        if in_chans <= 0:
+            raise ValueError(f"in_chans must be positive, got {in_chans}")
         stages = patch_size.bit_length() - 1
-        if embed_dim % (2 ** (stages - 1)):
-            raise ValueError(f"ConvPatchEmbed: embed_dim={embed_dim} must divide by {2 ** (stages - 1)} "
-                             f"for patch_size={patch_size}")
         self.patch_size, self.in_chans, self.embed_dim = patch_size, in_chans, embed_dim
         chans = [in_chans] + [embed_dim // 2 ** (stages - 1 - i) for i in range(stages)]
         layers = []
@@ -41,14 +71,8 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Sequential(*layers)
 
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(f"image size {height}x{width} does not divide by the patch size {p}; resize or "
-                             f"crop to a multiple of {p}")
-        return height // p, width // p
+        return patch_grid_size(height, width, self.patch_size)
 
     def forward(self, x: torch.Tensor):
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"ConvPatchEmbed: expected images (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        grid = self.grid_size(x.shape[-2], x.shape[-1])
+        grid = image_patch_grid(x, self.patch_size, self.in_chans)
         return self.proj(x).flatten(2).transpose(1, 2), grid

@@ -5,10 +5,12 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 __all__ = ["resample_pos_embed"]
 
 
+@register_notrace_function  # torch.fx: the grids are Python ints that choose the output shape
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], old_grid: Tuple[int, int],
                        num_prefix_tokens: int = 1, mode: str = "bicubic") -> torch.Tensor:
     """(1, P + H0·W0, C) -> (1, P + h·w, C). Prefix embeddings are kept; the grid part is interpolated

@@ -1,4 +1,4 @@
-"""Model definitions."""
-from .cbt import CBT, PreNorm, Transformer
+"""Model definitions: the CBT family (a timm model module, registered on import)."""
+from .cbt import CBT, MODEL_CONFIGS, PreNorm, Transformer, checkpoint_filter_fn
 
-__all__ = ["CBT", "PreNorm", "Transformer"]
+__all__ = ["CBT", "MODEL_CONFIGS", "PreNorm", "Transformer", "checkpoint_filter_fn"]
