@@ -43,7 +43,7 @@ from .training_state import (
     to_weights_only_safe,
 )
 from .validation import (finite_float, model_settings_error, non_negative_float, non_negative_int, positive_float,
-                         positive_int)
+                         positive_int, warn_if_single_class)
 
 __all__ = [
     # amp
@@ -82,5 +82,5 @@ __all__ = [
     "save_training_checkpoint", "to_weights_only_safe",
     # validation: parse-time checks
     "finite_float", "model_settings_error", "non_negative_float", "non_negative_int", "positive_float",
-    "positive_int",
+    "positive_int", "warn_if_single_class",
 ]

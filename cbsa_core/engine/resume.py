@@ -37,6 +37,7 @@ class MustMatch:
         recorded: the value the checkpoint recorded; ``None`` (not recorded, e.g. an authors' file) is not checked.
         dest: the argparse dest, to tell where ``requested`` came from (defaults to the flag's name).
         what: how the value is described when it is not a plain flag value (e.g. ``"model setting rep_grid"``).
+        fix: what to do instead, when "pass FLAG VALUE" is not it.
     """
 
     flag: str
@@ -44,6 +45,7 @@ class MustMatch:
     recorded: Any
     dest: Optional[str] = None
     what: Optional[str] = None
+    fix: Optional[str] = None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -65,9 +67,12 @@ def _show(value: Any) -> str:
 
 
 def check_resume_consistency(checkpoint: str | os.PathLike, settings: Iterable[MustMatch],
-                             args: Optional[argparse.Namespace] = None) -> None:
+                             args: Optional[argparse.Namespace] = None, *,
+                             why: str = "a resumed run must continue that run exactly",
+                             alternative: str = "start a new run") -> None:
     """Raise :class:`ResumeMismatchError` for the first setting whose requested value differs from the recorded
-    one. ``args`` (from :func:`~cbsa_core.engine.config.parse_args_with_config`) tells where each value came from."""
+    one. ``args`` (from :func:`~cbsa_core.engine.config.parse_args_with_config`) tells where each value came from;
+    ``why`` and ``alternative`` word the message (an evaluation checks the model settings the same way)."""
     for s in settings:
         if s.recorded is None or _same(s.requested, s.recorded):
             continue
@@ -75,10 +80,12 @@ def check_resume_consistency(checkpoint: str | os.PathLike, settings: Iterable[M
         source = setting_source(args, dest) if args is not None else ""
         where = f" (from {source})" if source else ""
         what = s.what or s.flag
-        if source.startswith("--config "):
+        if s.fix is not None:
+            fix = s.fix
+        elif source.startswith("--config "):
             fix = f"set {dest}: {_show(s.recorded)} in {source[len('--config '):]} or pass {s.flag} {_show(s.recorded)}"
         else:
             fix = f"pass {s.flag} {_show(s.recorded)}"
         raise ResumeMismatchError(
             f"{what} {_show(s.requested)}{where} differs from {_show(s.recorded)}, which --resume {checkpoint} was "
-            f"trained with; a resumed run must continue that run exactly: {fix}, or start a new run")
+            f"trained with; {why}: {fix}, or {alternative}")

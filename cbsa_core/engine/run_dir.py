@@ -93,19 +93,20 @@ class OutputDir:
 
 def check_output_dir(path: str | os.PathLike, *, flag: str, run_files: Sequence[str], evaluate: bool = False,
                      resume_from: Optional[str | os.PathLike] = None, overwrite: bool = False,
-                     also_replaced: Sequence[str] = ()) -> OutputDir:
+                     also_replaced: Sequence[str] = (), continue_hint: Optional[str] = None) -> OutputDir:
     """Apply the output folder rule (module docstring) and return the checked folder; raises
     :class:`OutputDirError` with one line naming ``flag`` (and the fix) otherwise.
 
     Args:
         path: the folder (``--output-dir``, ``--log-dir``).
         flag: the flag that set it, for the messages.
-        run_files: file names whose presence means the folder holds a run (its checkpoint first).
+        run_files: file names whose presence means the folder holds a run (its checkpoints, the last one first).
         evaluate: an evaluation, which writes only its result file: only writability is checked.
         resume_from: the checkpoint a training run resumes from.
         overwrite: ``--overwrite`` was given: another run in the folder is replaced.
-        also_replaced: more names removed with the run's files under ``--overwrite`` (evaluation results,
-            ``tensorboard``).
+        also_replaced: more names removed with the run's files under ``--overwrite`` (logs, config, evaluation
+            results, ``tensorboard``).
+        continue_hint: how to continue the run in the folder, for the message (default ``--resume CHECKPOINT``).
     """
     folder = Path(path)
     _check_writable_folder(folder, flag)
@@ -119,14 +120,14 @@ def check_output_dir(path: str | os.PathLike, *, flag: str, run_files: Sequence[
     if overwrite:
         names = list(dict.fromkeys(list(run_files) + list(also_replaced)))
         return OutputDir(folder, tuple(folder / n for n in names if (folder / n).exists() or (folder / n).is_symlink()))
-    own_checkpoint = folder / run_files[0]
+    continue_hint = continue_hint or f"--resume {folder / run_files[0]}"
     if resume_from is not None:
         raise OutputDirError(
             f"{flag} {folder} holds another run ({', '.join(present)}), but --resume {resume_from} comes from "
             f"{Path(resume_from).parent}: a resumed run writes only into its checkpoint's folder or a fresh one; pass "
             f"{flag} {Path(resume_from).parent}, a new {flag}, or --overwrite to replace that run")
     raise OutputDirError(
-        f"{flag} {folder} already holds a run ({', '.join(present)}); continue it with --resume {own_checkpoint}, "
+        f"{flag} {folder} already holds a run ({', '.join(present)}); continue it with {continue_hint}, "
         f"pick another {flag}, or pass --overwrite to replace it")
 
 

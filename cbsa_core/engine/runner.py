@@ -70,8 +70,14 @@ class RunFiles:
 
     @property
     def run_markers(self) -> Tuple[str, ...]:
-        """The files whose presence means a folder holds a run (the checkpoint first)."""
-        return tuple(n for n in (self.checkpoint, self.best, self.log, self.config) if n)
+        """The files whose presence means a folder holds a run: its checkpoints (a run stopped before its first
+        checkpoint leaves only logs, which the restarted run appends to)."""
+        return tuple(n for n in (self.checkpoint, self.best) if n)
+
+    @property
+    def run_companions(self) -> Tuple[str, ...]:
+        """The run's other files, removed with its checkpoints when ``--overwrite`` replaces it."""
+        return (self.log, self.config, self.tensorboard)
 
 
 Evaluator = Callable[[nn.Module], Mapping[str, Any]]

@@ -7,10 +7,12 @@
 * :func:`model_settings_error`: whether a model can be built with the final settings, asked of the model itself
   (the constructor is the single source of truth for impossible sizes), on the meta device: no memory, no
   initialisation cost, nothing downloaded.
+* :func:`warn_if_single_class`: a classification dataset with one class trains to a trivial 100 %.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from typing import Callable, Optional, Sequence
 
@@ -18,7 +20,9 @@ import torch
 import torch.nn as nn
 
 __all__ = ["finite_float", "non_negative_float", "positive_float", "positive_int", "non_negative_int",
-           "model_settings_error"]
+           "model_settings_error", "warn_if_single_class"]
+
+_LOG = logging.getLogger(__name__)
 
 
 def finite_float(text: str) -> float:
@@ -90,3 +94,15 @@ def model_settings_error(build: Callable[[], nn.Module],
     except Exception:  # noqa: BLE001 -- no meta kernel for some op: not a settings problem
         return None
     return None
+
+
+def warn_if_single_class(num_classes: int, description: str) -> bool:
+    """Log a warning when a classification dataset has fewer than two classes; returns whether it did.
+
+    Every prediction is then the one class: the run "learns" nothing and reports a trivial 100 % top-1.
+    """
+    if num_classes >= 2:
+        return False
+    _LOG.warning("%s has %d class: every prediction is that class, so its top-1 of 100 %% is trivial; a "
+                 "classification dataset needs at least two class folders", description, num_classes)
+    return True
