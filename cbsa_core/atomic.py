@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import re
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import IO, Any, Callable, List, Mapping
+from typing import IO, Any, Callable, Iterator, List, Mapping
 
 __all__ = [
     "TEMPORARY_NAME",
@@ -26,6 +28,7 @@ __all__ = [
     "atomic_write_yaml",
     "atomic_torch_save",
     "remove_stale_temporaries",
+    "deferred_signals",
 ]
 
 # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp") draws 8 characters from [a-z0-9_]; nothing else in a run folder
@@ -40,26 +43,69 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _deliver(handler: Any, signum: int, frame: Any) -> None:
+    """What the handler ``handler`` would have done with ``signum``."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:  # SIG_DFL (or a handler set outside Python): the default action
+        signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals(signums=(signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM during the block and deliver the first one to its previous handler after it; a second
+    signal is delivered at once (the user insists). Outside the main thread, where Python cannot install
+    handlers, the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in signums}
+    pending: List[tuple] = []
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def hold(signum: int, frame: Any) -> None:
+        if pending:
+            restore()
+            _deliver(previous[signum], signum, frame)
+            return
+        pending.append((signum, frame))
+
+    for s in signums:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        restore()
+        if pending:
+            signum, frame = pending[0]
+            _deliver(previous[signum], signum, frame)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a binary temporary file beside ``path``, then rename it over ``path``.
 
-    The destination folder is created if needed. On any failure (including ``KeyboardInterrupt``) the temporary
-    file is removed, the previous ``path`` is left as it was and the exception propagates. Returns ``path``.
+    The destination folder is created if needed. On any failure the temporary file is removed, the previous
+    ``path`` is left as it was and the exception propagates. SIGINT/SIGTERM wait for the write to finish
+    (:func:`deferred_signals`). Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with deferred_signals():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     return path
 
 

@@ -362,17 +362,40 @@ def rec_as_eval(rec: dict) -> dict:
     return {k: rec[f"val_{k}"] for k in ("top1", "top5", "loss", "num_images")}
 
 
+_HIDE_INSTALLED_PACKAGES = """
+# Test isolation: make this repository's packages unimportable except through a script's own sys.path bootstrap,
+# whatever an editable install (a meta-path finder or a .pth path entry) would resolve them to.
+import importlib.machinery
+import sys
+_NAMES = ("cbsa_core", "image_classification", "finetune_vit", "semantic_segmentation")
+_STANDARD = {"BuiltinImporter", "FrozenImporter", "PathFinder"}
+sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "__name__", type(f).__name__) in _STANDARD
+                    or not any(f.find_spec(n, None) for n in _NAMES)]
+sys.path[:] = [p for p in sys.path if not any(
+    importlib.machinery.PathFinder.find_spec(n, [p]) for n in _NAMES)]
+sys.path_importer_cache.clear()
+"""
+
+
 def test_script_runs_from_inside_the_folder(tmp_path, data_root, tiny_cfg):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("PYTHONPATH", None)
+    """``python main.py`` inside the folder, where only the script's sys.path bootstrap can make the packages
+    importable: the editable install is hidden, and a control run shows that nothing else finds them."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(_HIDE_INSTALLED_PACKAGES)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(hide))
+    folder = REPO / "image_classification"
+    control = subprocess.run([sys.executable, "-c", "import cbsa_core"], cwd=folder, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert control.returncode == 1 and "No module named 'cbsa_core'" in control.stderr, control.stderr
     r = subprocess.run([sys.executable, "main.py", "--config", str(tiny_cfg), "--data", str(data_root),
-                        "--epochs", "1", "--output-dir", str(tmp_path / "run")], cwd=REPO / "image_classification",
+                        "--epochs", "1", "--output-dir", str(tmp_path / "run")], cwd=folder,
                        env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / icm.LAST_CHECKPOINT).is_file()
     # The README's evaluation command, verbatim: parses, then fails cleanly on the missing checkpoint.
     r = subprocess.run([sys.executable, "main.py", "--arch", "Ours_small", "--evaluate", "--resume",
-                        "CKPT/CBT/cbt_small_best.pth.tar"], cwd=REPO / "image_classification", env=env,
+                        "CKPT/CBT/cbt_small_best.pth.tar"], cwd=folder, env=env,
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 1 and "CKPT/CBT/cbt_small_best.pth.tar" in r.stderr and "Traceback" not in r.stderr
 

@@ -41,20 +41,24 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
-def _check_writable_folder(folder: Path, flag: str) -> None:
+def _check_writable_folder(folder: Path, flag: str, given: Optional[Path] = None) -> None:
     """Refuse ``folder`` when it is a file, lies under a file, or cannot be written (checked by creating and
-    removing an anonymous temporary file in it, or in its nearest existing parent when it does not exist yet)."""
+    removing an anonymous temporary file in it, or in its nearest existing parent when it does not exist yet).
+    ``given``: the path the user gave, when it is a file to be written in ``folder``."""
+    given = folder if given is None else given
     if folder.exists() and not folder.is_dir():
-        raise OutputDirError(f"{flag} {folder} is a file, not a folder; pass another {flag}")
+        if given == folder:
+            raise OutputDirError(f"{flag} {folder} is a file, not a folder; pass another {flag}")
+        raise OutputDirError(f"{flag} {given} cannot be created: {folder} is a file, not a folder")
     existing = _nearest_existing(folder)
     if not existing.is_dir():
-        raise OutputDirError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder")
+        raise OutputDirError(f"{flag} {given} cannot be created: {existing} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        where = "" if existing == folder else f" (it would be created in {existing})"
-        raise OutputDirError(f"{flag} {folder} is not writable{where}: {e.strerror or e}; pass another {flag}") \
+        where = "" if existing == given else f" (it would be created in {existing})"
+        raise OutputDirError(f"{flag} {given} is not writable{where}: {e.strerror or e}; pass another {flag}") \
             from None
 
 
@@ -136,5 +140,5 @@ def check_output_file(path: str | os.PathLike, *, flag: str) -> Path:
     file = Path(path)
     if file.is_dir():
         raise OutputDirError(f"{flag} {file} is a folder; give the path of the file to write")
-    _check_writable_folder(file.parent, flag)
+    _check_writable_folder(file.parent, flag, given=file)
     return file
