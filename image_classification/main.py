@@ -12,9 +12,11 @@ Recipe (paper §6, official-code.md §1.1.5): label-smoothed CE, Lion with one p
 everything), the release's per-epoch warm-up/cosine ``LambdaLR`` stepped after validation, fp16 autocast + GradScaler
 on CUDA, fp32 validation. Departures from the release, all fixes of its bugs: the schedule (warm-up included) is
 restored on ``--resume`` (item 13), outputs go to ``--output-dir`` instead of the CWD (item 17), validation is exact
-under DDP, the train metrics are all-reduced, and a NaN/Inf loss stops the run. The epoch loop, loaders and config
-file machinery are the engine's (:func:`cbsa_core.engine.fit`, :mod:`cbsa_core.engine.config`), shared with the ViT
-track.
+under DDP, the train metrics are all-reduced, and NaN/Inf stops the run without saving or scoring the model. The run
+lifecycle (output folder rule, resume consistency, NaN/Inf policy, exit codes, signals), the epoch loop, loaders and
+config file machinery are the engine's (:func:`cbsa_core.engine.fit`, :mod:`cbsa_core.engine.config`), shared with
+the other two tracks. ``--legacy-token-layout/--no-legacy-token-layout`` overrides the token layout that the file
+given to ``--resume``, ``--evaluate`` or ``--finetune`` implies (:func:`cbsa_core.checkpoint.resolve_token_layout`).
 
 ``--batch-size`` is the total batch per node, as released: each of the node's processes gets
 ``batch_size // LOCAL_WORLD_SIZE`` images per step (and ``ceil(workers / LOCAL_WORLD_SIZE)`` loader workers).

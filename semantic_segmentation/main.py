@@ -13,8 +13,13 @@ decay (power 0.9) to 1e-5 stepped every iteration, 64 epochs, global batch 8, dr
 ignoring 255, evaluation every 2 epochs with 512 windows and stride 512 (variants below the window upscaled to it,
 as in the release).
 
-``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume`` continues from it exactly),
-``variant.yml`` (the run's settings), ``log.txt`` (one JSON line per epoch) and TensorBoard event files.
+``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume``, the default, continues from it exactly
+with the same settings), ``variant.yml`` (the release's description of the run), ``config.yaml`` (the settings
+used), ``log.txt`` (one JSON line per epoch) and ``tensorboard/``. The epoch loop and the run lifecycle are the
+engine's (:func:`cbsa_core.engine.fit` with an mIoU evaluator and the per-iteration schedule): the log folder is
+checked first (``--no-resume`` into a folder holding a run needs ``--overwrite``), a resume with another schedule,
+learning rate, optimizer, seed or model is refused naming the flag, NaN/Inf stops the run without saving, the
+validation labels are checked before training, and exit codes are 1 (refusal), 2 (bad flag), 130/143 (signals).
 """
 from __future__ import annotations
 

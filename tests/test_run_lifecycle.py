@@ -133,22 +133,35 @@ def test_output_folder_rule(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
-def test_output_folder_that_cannot_be_written(tmp_path):
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in: a mode-0500 folder, or for root (whom modes do not stop)
+    Linux's /proc, where no file can be created."""
     ro = tmp_path / "read_only"
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        try:
-            (ro / "probe").write_text("x")
-            writable = True
-        except OSError:
-            writable = False
-        if writable:
-            pytest.skip("this user (root) can write a mode-0500 folder; the file-in-the-way case is tested instead")
-        with pytest.raises(OutputDirError, match=r"--output-dir .*read_only/run is not writable \(it would be "
-                                                 r"created in .*read_only\)"):
-            check_output_dir(ro / "run", flag="--output-dir", run_files=("checkpoint.pth.tar",))
-    finally:
+        (ro / "probe").write_text("x")
+    except OSError:
+        return ro
+    (ro / "probe").unlink()
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no unwritable folder available to this user")
+    return Path("/proc")
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(shapes, cfg, tmp_path, capsys):
+    """Item 6: training, and --evaluate (which used to evaluate, then crash writing eval.json, losing the metric),
+    are refused before the data is read: the data root given does not even exist."""
+    ro = _unwritable_folder(tmp_path)
+    for extra in ((), ("--evaluate",)):
+        assert icm.cli(_cls(cfg, tmp_path / "no_data", ro / "cbsa_run", *extra)) == 1
+        assert re.fullmatch(rf"error: --output-dir {re.escape(str(ro / 'cbsa_run'))} is not writable \(it would be "
+                            rf"created in {re.escape(str(ro))}\): .*; pass another --output-dir",
+                            _last_error_line(capsys))
+    assert seg_eval.main([str(tmp_path / "m.pth"), "ade20k", "--data-root", str(tmp_path / "none"), "--output",
+                          str(ro / "scores.yml")]) == 1
+    assert f"--output {ro / 'scores.yml'} is not writable" in _last_error_line(capsys)
+    if ro != Path("/proc"):
         ro.chmod(0o700)
 
 
