@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--legacy-token-layout", action=argparse.BooleanOptionalAction, default=None,
                    help="pool the first h*w tokens like the release's X_q[:, :-1] (off-by-one incl. [CLS]); "
                         "default: on for the authors' fine-tuned files, off otherwise")
-    p.add_argument("--layers", type=non_negative_int, nargs="+", default=None, help="block indices to convert (default: all)")
+    p.add_argument("--layers", type=non_negative_int, nargs="+", default=None,
+                   help="block indices to convert (default: all)")
     p.add_argument("--broadcast", default="transpose", choices=BROADCAST_CHOICES,
                    help="CBSA* broadcast: transposed extraction matrix, or the release's separate softmax")
     p.add_argument("--model-kwargs", type=_json_object, default={},

@@ -231,7 +231,8 @@ def load_finetune_weights(model: nn.Module, path: str, num_classes: int,
                           legacy_token_layout: Optional[bool] = None) -> None:
     """Load a pretrained checkpoint (this project's or the authors') strictly, then re-initialise the head for
     ``num_classes``. The head is sized to the checkpoint first, so every other key and shape is still checked.
-    ``legacy_token_layout`` overrides the layout the file implies (:func:`cbsa_core.checkpoint.resolve_token_layout`)."""
+    ``legacy_token_layout`` overrides the layout the file implies
+    (:func:`cbsa_core.checkpoint.resolve_token_layout`)."""
     state = extract_state_dict(read_checkpoint(path))
     head = state.get("mlp_head.1.weight")
     if head is None:

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--dataset folder only: map label 0 to ignore and k to k-1 (ADE20K always does)")
     p.add_argument("--backbone", default=None, help=f"encoder: {', '.join(BACKBONES)}")
     p.add_argument("--decoder", default="mask_transformer", choices=["mask_transformer"])
-    p.add_argument("--im-size", type=positive_int, default=None, help="short side of the base scale (dataset default 512)")
+    p.add_argument("--im-size", type=positive_int, default=None,
+                   help="short side of the base scale (dataset default 512)")
     p.add_argument("--crop-size", type=positive_int, default=None, help="training crop (dataset default 512)")
     p.add_argument("--window-size", type=positive_int, default=None, help="validation window (default: crop size)")
     p.add_argument("--window-stride", type=positive_int, default=None, help="validation stride (dataset default 512)")
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="polynomial", choices=["polynomial"])
     p.add_argument("--dropout", type=finite_float, default=0.0, help="encoder dropout")
     p.add_argument("--drop-path", type=finite_float, default=0.1, help="encoder stochastic depth")
-    p.add_argument("--eval-freq", type=positive_int, default=None, help="evaluate every N epochs and at the end (default 2)")
+    p.add_argument("--eval-freq", type=positive_int, default=None,
+                   help="evaluate every N epochs and at the end (default 2)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -260,7 +262,8 @@ def _resume_settings(args: argparse.Namespace, settings: Dict[str, Any], model_c
         MustMatch("--momentum", args.momentum, recorded.get("momentum")),
         MustMatch("--weight-decay", args.weight_decay, recorded.get("weight_decay")),
         # Same flags, another training set size (or --max-steps-per-epoch): the decay would end elsewhere.
-        MustMatch("--epochs", max_iters, schedule.get("max_iters"), what="the polynomial schedule's length (iterations)",
+        MustMatch("--epochs", max_iters, schedule.get("max_iters"),
+                  what="the polynomial schedule's length (iterations)",
                   fix=f"resume with the run's --epochs, --batch-size and --max-steps-per-epoch on the same training "
                       f"set (this command gives {steps_per_epoch} steps per epoch)"),
     ]

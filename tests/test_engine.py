@@ -715,7 +715,8 @@ def _fit_tiny(out: Path, *, workers: int, stop_epoch=None, resume: bool = False)
     return fit(model, train_loader=train, val_loader=val, criterion=nn.CrossEntropyLoss(), optimizer=opt,
                scheduler=sched, dist_info=info, output_dir=out, seed=7, epochs=3, start_epoch=start,
                stop_epoch=stop_epoch, best_metric=best, print_freq=100, tensorboard=False, arch="tiny",
-               model_config={"width": 16}, config={"seed": 7, "path": out}, record_extra=lambda epoch, train: {"extra": 1})
+               model_config={"width": 16}, config={"seed": 7, "path": out},
+               record_extra=lambda epoch, train: {"extra": 1})
 
 
 def test_fit_resume_is_bit_exact_with_loader_workers(tmp_path, capsys):

@@ -326,7 +326,8 @@ def test_nan_divergence_with_one_step_per_epoch_is_never_saved_or_scored(shapes,
 
     # --evaluate on a checkpoint whose outputs are NaN: exit 1, a clear line, no eval.json (never a bare NaN).
     bad = dict(last)
-    bad["state_dict"] = {k: (v * float("nan") if k == "mlp_head.1.weight" else v) for k, v in last["state_dict"].items()}
+    bad["state_dict"] = {k: (v * float("nan") if k == "mlp_head.1.weight" else v)
+                         for k, v in last["state_dict"].items()}
     torch.save(bad, tmp_path / "nan.pth.tar")
     ev = tmp_path / "eval"
     assert icm.cli(_cls(cfg, shapes, ev, "--evaluate", "--resume", str(tmp_path / "nan.pth.tar"))) == 1
@@ -616,7 +617,8 @@ def test_the_same_lifecycle_rules_hold_in_every_track(name, shapes, cfg, toy_ade
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     assert t.cli(t.train(blocker)) == 1
-    assert _last_error_line(capsys) == f"error: {t.out_flag} {blocker} is a file, not a folder; pass another {t.out_flag}"
+    assert _last_error_line(capsys) == (f"error: {t.out_flag} {blocker} is a file, not a folder; pass another "
+                                        f"{t.out_flag}")
     assert t.cli(t.train(run, *t.resume(run), t.lr_flag, "0.5")) == 1
     assert f"{t.lr_flag} 0.5 (from the command line) differs from" in _last_error_line(capsys)
     assert t.cli(t.train(run, *t.fresh)) == 1

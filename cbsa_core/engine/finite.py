@@ -28,6 +28,7 @@ __all__ = [
     "kept_checkpoint_note",
     "non_finite_parameters",
     "count_non_finite_rows",
+    "is_finite_number",
 ]
 
 
@@ -117,4 +118,5 @@ def count_non_finite_rows(output: torch.Tensor) -> torch.Tensor:
 
 
 def is_finite_number(value: object) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
