@@ -73,7 +73,7 @@ def non_negative_int(text: str) -> int:
 def model_settings_error(build: Callable[[], nn.Module],
                          input_shape: Optional[Sequence[int]] = None) -> Optional[str]:
     """The message of the ``ValueError``/``TypeError`` that building the model (``build()``, on the meta device)
-    raises, or None when it builds.
+    raises, or None when it builds (or cannot be built there: then the run's own build reports any problem).
 
     With ``input_shape`` (e.g. ``(1, 3, H, W)``) one forward of an empty meta tensor follows, best effort: a
     ``ValueError`` there (a size the layers refuse at run time) is reported too, while any other exception means
@@ -84,6 +84,8 @@ def model_settings_error(build: Callable[[], nn.Module],
             model = build()
     except (ValueError, TypeError) as e:
         return str(e)
+    except Exception:  # noqa: BLE001 -- the constructor reads a tensor's value (.item()), which meta cannot give
+        return None
     if input_shape is None:
         return None
     try:
