@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +24,9 @@ import yaml
 from PIL import Image
 
 import image_classification.main as icm
-from cbsa_core.atomic import (atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries)
+from cbsa_core.atomic import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from cbsa_core.engine import (ConfigError, DistInfo, MustMatch, NonFiniteOutputError, NonFiniteParametersError,
-                              OutputDirError, ResumeMismatchError, RunInterrupted, WarmupCosineLambda,
+                              OutputDirError, ResumeMismatchError, WarmupCosineLambda,
                               build_lambda_scheduler, build_optimizer, check_output_dir, check_resume_consistency,
                               evaluate_classifier, finite_float, fit, make_eval_loader, make_train_loader,
                               non_negative_float, parse_args_with_config, run_cli, save_training_checkpoint)
