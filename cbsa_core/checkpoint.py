@@ -69,26 +69,13 @@ class CheckpointMismatchError(CheckpointError):
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the destination folder, fsync, then rename over ``path``.
 
-    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX file systems.
+    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX file systems. The writer is
+    :func:`cbsa_core.atomic.atomic_torch_save`, the one every file of a run goes through (it removes its temporary
+    file on failure, and runs clean up the ones a killed process left).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions an ordinary open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from .atomic import atomic_torch_save
+
+    return atomic_torch_save(obj, path)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -17,14 +17,18 @@ clipping. Transforms follow the arch's size: RandomResizedCrop(S) + flip for tra
 + CenterCrop(S) for evaluation (224/256 and 384/438), normalised with ImageNet statistics as released
 (``--norm inception`` uses the augreg weights' own 0.5/0.5).
 
-Without ``--pretrained-file`` the weights are random (nothing is ever downloaded). The authors' fine-tuned
-files (``{'state_dict': {'module.' ...}, 'best_acc1', ...}``) switch on the legacy token layout they were trained
-with, unless ``--no-legacy-token-layout`` is given; on ``--resume`` the checkpoint's layout always wins.
+Without ``--pretrained-file`` the weights are random (nothing is ever downloaded). The token layout follows the
+core's one rule (:func:`cbsa_core.checkpoint.resolve_token_layout`): the authors' fine-tuned files
+(``{'state_dict': {'module.' ...}, 'best_acc1', ...}``) switch on the legacy layout they were trained with, this
+project's checkpoints record theirs, and ``--[no-]legacy-token-layout`` overrides what a file implies. A resumed
+checkpoint that records its layout cannot be resumed with the other one (refused, naming the flag).
 
-The epoch loop is the classification track's, :func:`cbsa_core.engine.fit`: each epoch writes
+The run lifecycle is the engine's, shared with the other tracks (:func:`cbsa_core.engine.fit`): each epoch writes
 ``checkpoint.pth.tar`` (and ``model_best.pth.tar``) atomically, ``log.jsonl``, ``config.yaml`` and TensorBoard
-scalars to ``--output-dir``. Settings: argparse defaults, then ``--config <yaml>`` (keys are the long flags with
-``-`` or ``_``, checked like the flags), then the command line.
+scalars to ``--output-dir``, which is checked first; a resume must keep the run's seed, schedule, optimizer, learning
+rate, weight decay and model variant; NaN/Inf stops the run without saving; exit codes are 1 for a refusal, 2 for a
+bad flag, 130/143 for SIGINT/SIGTERM. Settings: argparse defaults, then ``--config <yaml>`` (keys are the long flags
+with ``-`` or ``_``, checked like the flags), then the command line.
 """
 from __future__ import annotations
 
@@ -41,14 +45,16 @@ if not __package__:  # `python main.py` inside finetune_vit/: make the repositor
 
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 
-from cbsa_core.checkpoint import CheckpointError  # noqa: E402
-from cbsa_core.data.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, DatasetError,  # noqa: E402
-                                        build_imagefolder, classification_transforms)
-from cbsa_core.engine import (PRECISIONS, ConfigError, NonFiniteLossError, WarmupCosineLambda,  # noqa: E402
-                              build_lambda_scheduler, build_optimizer, cleanup_distributed, evaluate_classifier,
-                              fit, init_distributed, load_training_checkpoint, make_eval_loader, make_grad_scaler,
-                              make_train_loader, parse_args_with_config, seed_everything, setup_logging,
-                              unwrap_model, wrap_ddp)
+from cbsa_core.checkpoint import checkpoint_kind, read_checkpoint, resolve_token_layout  # noqa: E402
+from cbsa_core.data.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, build_imagefolder,  # noqa: E402
+                                        classification_transforms)
+from cbsa_core.engine import (PRECISIONS, ConfigError, MustMatch, NonFiniteOutputError, RunFiles,  # noqa: E402
+                              WarmupCosineLambda, build_lambda_scheduler, build_optimizer, check_output_dir,
+                              check_resume_consistency, cleanup_distributed, evaluate_classifier, finite_float, fit,
+                              init_distributed, load_training_checkpoint, make_eval_loader, make_grad_scaler,
+                              make_train_loader, model_settings_error, non_negative_float, non_negative_int,
+                              parse_args_with_config, positive_float, positive_int, run_cli, seed_everything,
+                              setup_logging, unwrap_model, warn_if_single_class, wrap_ddp)
 from finetune_vit.attention import BROADCAST_CHOICES  # noqa: E402
 from finetune_vit.convert import ATTENTION_CHOICES, set_legacy_token_layout  # noqa: E402
 from finetune_vit.flops import model_flops  # noqa: E402
@@ -61,9 +67,11 @@ _LOG = logging.getLogger("finetune_vit")
 NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 # The release's evaluation crop ratio: 224/256 and 384/438 are both ⌊S/0.875⌋.
 EVAL_CROP_PCT = 0.875
-# Settings a resumed or evaluated checkpoint must share with the run: its weights depend on them, and a
-# checkpoint of another variant has the same keys, so it would load silently.
-RESUME_MUST_MATCH = ("arch", "attention", "rep_grid", "layers", "broadcast", "norm")
+# Settings a resumed or evaluated checkpoint must share with the run, and the flags that set them: its weights
+# depend on them, and a checkpoint of another variant has the same keys, so it would load silently.
+RESUME_MUST_MATCH = {"arch": "--arch", "attention": "--attention", "rep_grid": "--rep-grid", "layers": "--layers",
+                     "broadcast": "--broadcast", "norm": "--norm"}
+RUN_FILES = RunFiles()
 
 
 def _json_object(value: Any) -> Dict[str, Any]:
@@ -80,7 +88,7 @@ def _json_object(value: Any) -> Dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tune timm ViTs converted to CBSA-style attention (paper Fig. 9)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of option defaults (keys as the long flags, "
                                                   "with - or _); command-line flags override it")
     p.add_argument("--data", default=None, help="ImageFolder root with train/<class>/* and val/<class>/*")
@@ -89,56 +97,81 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cbsa_vee (released CBSA^v), cbsa_star (CBSA*), linear, or mhsa (keep timm's)")
     p.add_argument("--pretrained-file", default=None,
                    help="local timm weights (.npz, .safetensors or .pth); without it the weights are random")
-    p.add_argument("--rep-grid", type=int, nargs=2, default=[8, 8], metavar=("RH", "RW"),
+    p.add_argument("--rep-grid", type=positive_int, nargs=2, default=[8, 8], metavar=("RH", "RW"),
                    help="grid of pooled representatives (m = RH*RW)")
     p.add_argument("--legacy-token-layout", action=argparse.BooleanOptionalAction, default=None,
                    help="pool the first h*w tokens like the release's X_q[:, :-1] (off-by-one incl. [CLS]); "
                         "default: on for the authors' fine-tuned files, off otherwise")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="block indices to convert (default: all)")
+    p.add_argument("--layers", type=non_negative_int, nargs="+", default=None,
+                   help="block indices to convert (default: all)")
     p.add_argument("--broadcast", default="transpose", choices=BROADCAST_CHOICES,
                    help="CBSA* broadcast: transposed extraction matrix, or the release's separate softmax")
     p.add_argument("--model-kwargs", type=_json_object, default={},
                    help="JSON object passed to timm.create_model, e.g. '{\"drop_path_rate\": 0.1}'")
     p.add_argument("--norm", default="imagenet", choices=tuple(NORMS),
                    help="input normalisation: ImageNet mean/std (as released) or 0.5/0.5 (the augreg weights')")
-    p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--warmup-epochs", type=int, default=10)
-    p.add_argument("--stop-epoch", type=int, default=None,
+    p.add_argument("-j", "--workers", type=non_negative_int, default=8, help="data-loading workers per process")
+    p.add_argument("--epochs", type=positive_int, default=50)
+    p.add_argument("--warmup-epochs", type=non_negative_int, default=10)
+    p.add_argument("--stop-epoch", type=positive_int, default=None,
                    help="stop before this epoch without changing the schedule (e.g. a job time limit)")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="global batch size (all processes)")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=512, help="global batch size (all processes)")
     p.add_argument("--optimizer", default="adamw", type=str.lower, choices=("adamw", "lion", "sgd"))
-    p.add_argument("--lr", "--learning-rate", type=float, default=5e-5, dest="lr")
-    p.add_argument("--wd", "--weight-decay", type=float, default=0.01, dest="weight_decay")
-    p.add_argument("--label-smooth", "--label_smooth", type=float, default=0.1, dest="label_smooth")
-    p.add_argument("--clip-grad", type=float, default=None, help="gradient-norm clipping (the release: none)")
+    p.add_argument("--lr", "--learning-rate", type=non_negative_float, default=5e-5, dest="lr")
+    p.add_argument("--wd", "--weight-decay", type=non_negative_float, default=0.01, dest="weight_decay")
+    p.add_argument("--label-smooth", "--label_smooth", type=finite_float, default=0.1, dest="label_smooth")
+    p.add_argument("--clip-grad", type=positive_float, default=None, help="gradient-norm clipping (the release: none)")
     p.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
                    help="auto = fp16 autocast on CUDA (as released), fp32 on the CPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("-p", "--print-freq", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-p", "--print-freq", type=positive_int, default=50)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--output-dir", default=None, help="default: runs/finetune_vit/<arch>_<attention>")
     p.add_argument("--resume", default=None, help="checkpoint to resume training from (or to --evaluate)")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate on the val split")
     p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a training run replace another run in --output-dir (its files are removed)")
     p.add_argument("--bad-images", default="fail", choices=("fail", "skip"))
     return p
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Defaults, then ``--config`` file, then command line. Bad settings exit through ``parser.error``."""
+    """Defaults, then ``--config`` file, then command line. Bad settings exit through ``parser.error`` (status 2),
+    before anything is read or written; the converted model is built (and run once) on the meta device, so an
+    image size or representative grid it refuses is a usage error too."""
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     if args.data is None:
         parser.error("--data is required (an ImageFolder root with train/ and val/)")
-    for dest in ("epochs", "batch_size", "print_freq"):
-        if getattr(args, dest) <= 0:
-            parser.error(f"--{dest.replace('_', '-')} must be positive")
-    if args.warmup_epochs < 0 or args.workers < 0:
-        parser.error("--warmup-epochs and --workers must be >= 0")
+    if not 0.0 <= args.label_smooth < 1.0:
+        parser.error(f"--label-smooth must lie in [0, 1), got {args.label_smooth}")
+
+    def build():
+        return create_vit(args.arch, attention=args.attention, rep_grid=args.rep_grid,
+                          legacy_token_layout=args.legacy_token_layout, layers=args.layers, broadcast=args.broadcast,
+                          model_kwargs=args.model_kwargs)
+
+    size = _meta_image_size(build)
+    error = model_settings_error(build, None if size is None else (1, 3, *size))
+    if error:
+        parser.error(f"--arch {args.arch} with --model-kwargs {json.dumps(args.model_kwargs)}, --rep-grid "
+                     f"{' '.join(map(str, args.rep_grid))} and --layers {args.layers or 'all'}: {error}")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", "finetune_vit", f"{args.arch}_{args.attention}")
     return args
+
+
+def _meta_image_size(build) -> Optional[tuple]:
+    """The training resolution of the model ``build()`` makes, read on the meta device; None if it does not build
+    (``model_settings_error`` then reports why)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return image_size_of(build())
+    except (ValueError, TypeError):
+        return None
 
 
 def _transforms(image_size, norm: str):
@@ -166,29 +199,33 @@ def _comparable(key: str, value: Any, depth: int) -> Any:
     return value
 
 
-def _check_resumed_config(ckpt: Dict[str, Any], config: Dict[str, Any], path: str, depth: int) -> None:
-    """A checkpoint of another attention variant has the same keys and would load silently: refuse it."""
-    saved = ckpt.get("model_config") or {}
-    for key in RESUME_MUST_MATCH:
-        if key in saved and _comparable(key, saved[key], depth) != _comparable(key, config[key], depth):
-            raise CheckpointError(f"checkpoint {path} was trained with {key}={saved[key]!r}, but this run uses "
-                                  f"{key}={config[key]!r}; pass the same options to resume or evaluate it")
+def _variant_settings(saved: Dict[str, Any], config: Dict[str, Any], depth: int) -> List[MustMatch]:
+    """The model variant a checkpoint was trained as: another one has the same keys and would load silently."""
+    recorded = saved.get("model_config") or {}
+    return [MustMatch(flag, _comparable(key, config[key], depth), _comparable(key, recorded[key], depth))
+            for key, flag in RESUME_MUST_MATCH.items() if key in recorded]
 
 
-def _resumed_token_layout(ckpt: Dict[str, Any], args: argparse.Namespace) -> bool:
-    """The layout the resumed weights were trained with; a disagreeing flag is overruled with a warning."""
-    if ckpt.get("format") != "cbsa":
-        # The authors' fine-tuned ViTs pooled X_q[:, :-1] (official-code.md item 28).
-        _LOG.warning("%s is not in this project's format: treating it as the authors' release and switching "
-                     "on the legacy token layout", args.resume)
-        legacy = True
-    else:
-        legacy = bool((ckpt.get("model_config") or {}).get("legacy_token_layout", False))
-    if args.legacy_token_layout is not None and args.legacy_token_layout != legacy:
-        _LOG.warning("--%slegacy-token-layout is overruled: the weights in %s were trained with "
-                     "legacy_token_layout=%s, which the resumed run keeps", "" if args.legacy_token_layout else "no-",
-                     args.resume, legacy)
-    return legacy
+def _resume_settings(args: argparse.Namespace, saved: Dict[str, Any], config: Dict[str, Any],
+                     depth: int) -> List[MustMatch]:
+    """What a resumed run must share with its checkpoint (engine rule, :mod:`cbsa_core.engine.resume`)."""
+    cfg = saved.get("config") or {}
+    lambdas = (saved.get("scheduler") or {}).get("lr_lambdas") or [None]
+    schedule = lambdas[0] if isinstance(lambdas[0], dict) else {}
+    checks = [MustMatch("--seed", args.seed, cfg.get("seed")),
+              MustMatch("--epochs", args.epochs, schedule.get("epochs", cfg.get("epochs"))),
+              MustMatch("--warmup-epochs", args.warmup_epochs, schedule.get("warmup_epochs", cfg.get("warmup_epochs"))),
+              MustMatch("--optimizer", args.optimizer, cfg.get("optimizer")),
+              MustMatch("--lr", args.lr, cfg.get("lr")),
+              MustMatch("--wd", args.weight_decay, cfg.get("weight_decay"), dest="weight_decay")]
+    checks += _variant_settings(saved, config, depth)
+    if args.legacy_token_layout is not None and checkpoint_kind(saved) == "cbsa":
+        legacy, _ = resolve_token_layout(saved)
+        flag = f"--{'' if args.legacy_token_layout else 'no-'}legacy-token-layout"
+        checks.append(MustMatch(flag, args.legacy_token_layout, legacy, dest="legacy_token_layout",
+                                what="legacy_token_layout", fix=f"drop {flag}: the checkpoint records the layout its "
+                                                                "weights were trained with"))
+    return checks
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -203,6 +240,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
+    # Before any work: an evaluation writes nothing, a training run follows the engine's output folder rule.
+    out_dir = None if args.evaluate else check_output_dir(
+        args.output_dir, flag="--output-dir", run_files=RUN_FILES.run_markers, resume_from=args.resume,
+        overwrite=args.overwrite, also_replaced=RUN_FILES.run_companions)
     device = dist_info.device
     precision = ("fp16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     if args.batch_size % dist_info.world_size:
@@ -212,6 +253,9 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
     # The class folders fix the classifier size; the transforms are set once the model gives the image size.
     train_ds, val_ds = build_imagefolder(args.data, bad_images=args.bad_images)
     num_classes = len(train_ds.classes)
+    if dist_info.is_main:
+        warn_if_single_class(num_classes, f"--data {args.data}")
+    saved = read_checkpoint(args.resume) if args.resume else None
     pretrained = None if args.resume else args.pretrained_file
     if args.resume and args.pretrained_file:
         _LOG.info("--resume given: the weights come from %s, not from %s", args.resume, args.pretrained_file)
@@ -239,25 +283,32 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
 
     start_epoch, best = 0, None
     if args.resume:
+        variant = _model_config(args, num_classes, net)
+        if args.evaluate:
+            check_resume_consistency(args.resume, _variant_settings(saved, variant, len(net.blocks)), args,
+                                     why="evaluating it needs the model variant it was trained as",
+                                     alternative="evaluate another checkpoint")
+        else:  # refused before any state is loaded or any file written
+            check_resume_consistency(args.resume, _resume_settings(args, saved, variant, len(net.blocks)), args)
+            pretrained = (saved.get("config") or {}).get("pretrained_file")  # what the resumed weights came from
         ckpt = load_training_checkpoint(args.resume, model=net, optimizer=None if args.evaluate else optimizer,
                                         scheduler=None if args.evaluate else scheduler,
-                                        scaler=None if args.evaluate else scaler, restore_rng=not args.evaluate)
-        _check_resumed_config(ckpt, _model_config(args, num_classes, net), args.resume, len(net.blocks))
-        set_legacy_token_layout(net, _resumed_token_layout(ckpt, args))
+                                        scaler=None if args.evaluate else scaler, restore_rng=not args.evaluate,
+                                        legacy_token_layout=args.legacy_token_layout)
+        # The core's one layout rule, applied to the converted blocks (load_checkpoint cannot reach them).
+        legacy, reason = ckpt["token_layout"]
+        set_legacy_token_layout(net, legacy)
+        _LOG.info("%s: %s token layout (%s)", args.resume, "legacy" if legacy else "corrected", reason)
         start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
-        # An exact continuation needs the interrupted run's schedule length and seed (data order, reseeding).
-        planned = getattr(scheduler.lr_lambdas[0], "epochs", args.epochs)
-        if not args.evaluate and planned != args.epochs:
-            raise ConfigError(f"{args.resume} follows a cosine schedule over {planned} epochs, but the command "
-                              f"asks for --epochs {args.epochs}; resume with the same --epochs")
-        saved_seed = (ckpt.get("config") or {}).get("seed")
-        if not args.evaluate and isinstance(saved_seed, int) and saved_seed != args.seed:
-            raise ConfigError(f"--seed {args.seed} differs from the seed {saved_seed} of {args.resume}; pass "
-                              f"--seed {saved_seed} to continue that run exactly")
         _LOG.info("resumed from %s at epoch %d (best top-1 so far: %s)", args.resume, start_epoch, best)
+    saved = None
 
     if args.evaluate:
-        metrics = evaluate_classifier(model, val_loader, criterion, device=device, dist_info=dist_info)
+        try:
+            metrics = evaluate_classifier(model, val_loader, criterion, device=device, dist_info=dist_info)
+        except NonFiniteOutputError as e:
+            raise NonFiniteOutputError(f"evaluation of {args.resume or 'the model'}", e.count, e.total,
+                                       loss=e.loss) from None
         if dist_info.is_main:
             print(f" * Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} loss {metrics['loss']:.4f}",
                   flush=True)
@@ -266,26 +317,23 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
     # Recorded from the model, after any resume switched its token layout, so the files say what was trained.
     model_config = _model_config(args, num_classes, net)
     config = dict(vars(args), legacy_token_layout=model_config["legacy_token_layout"], precision=precision,
-                  world_size=dist_info.world_size, num_classes=num_classes)
+                  world_size=dist_info.world_size, num_classes=num_classes, pretrained_file=pretrained,
+                  start_epoch=start_epoch)
     train_loader = make_train_loader(train_ds, dist_info, batch_size=per_rank_batch, workers=args.workers,
                                      seed=args.seed, epoch=start_epoch)
     return fit(model, train_loader=train_loader, val_loader=val_loader, criterion=criterion, optimizer=optimizer,
-               scheduler=scheduler, scaler=scaler, dist_info=dist_info, output_dir=args.output_dir, seed=args.seed,
+               scheduler=scheduler, scaler=scaler, dist_info=dist_info, output_dir=out_dir, seed=args.seed,
                epochs=args.epochs, start_epoch=start_epoch, stop_epoch=args.stop_epoch, best_metric=best,
                precision=precision, clip_grad=args.clip_grad, print_freq=args.print_freq,
                tensorboard=not args.no_tensorboard, arch=args.arch, model_config=model_config, config=config,
-               start_info={"attention": args.attention, "params": n_params, "resume": args.resume,
-                           "pretrained_file": pretrained})
+               files=RUN_FILES, start_info={"attention": args.attention, "params": n_params, "resume": args.resume,
+                                            "pretrained_file": pretrained})
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    """Command-line entry: user errors print one line and exit with status 2."""
-    try:
-        main(argv)
-    except (CheckpointError, DatasetError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Command-line entry: the engine's exit codes (:mod:`cbsa_core.engine.cli`): 0 done, 1 refused (one
+    ``error:`` line), 2 bad flags, 130/143 interrupted."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

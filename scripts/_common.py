@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
+import io
 import math
 import os
 from pathlib import Path
@@ -26,13 +26,15 @@ import yaml
 from PIL import Image
 
 import cbsa_core
+from cbsa_core.atomic import atomic_write_json, atomic_write_text
 from cbsa_core.checkpoint import CheckpointError, checkpoint_kind, read_checkpoint
+from cbsa_core.engine.cli import run_cli
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BUNDLED_RGB", "BUNDLED_GRAY", "load_rgb", "resize_rgb", "fit_size",
     "center_square", "to_tensor", "image_batch", "output_dir", "write_json", "write_csv", "parse_overrides",
     "script_parser", "add_model_args", "add_image_args", "model_specs", "build_model", "model_label", "overlay",
-    "finite", "plt", "torch_threads",
+    "finite", "plt", "torch_threads", "run_script",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -165,23 +167,27 @@ def finite(x: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(finite(obj), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Strict JSON (NaN/inf become null), written atomically (:mod:`cbsa_core.atomic`)."""
+    return atomic_write_json(path, finite(obj))
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
               fields: Optional[Sequence[str]] = None) -> Path:
-    path = Path(path)
+    """A CSV table (NaN/inf and None as empty cells), written atomically (:mod:`cbsa_core.atomic`)."""
     fields = list(fields or (rows[0].keys() if rows else []))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in finite(dict(row)).items()})
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in finite(dict(row)).items()})
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def run_script(main) -> int:
+    """A figure script's exit status through the engine's one error-to-exit-code function
+    (:func:`cbsa_core.engine.cli.run_cli`): bad input (an unknown image or model name, an impossible size, a
+    missing or unreadable file) ends with one ``error:`` line and status 1, bad flags with 2, Ctrl-C with 130."""
+    return run_cli(main, refusals=(ValueError,))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,7 +208,7 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser whose description is the module docstring's first paragraph and whose epilog is
     the rest, so that ``--help`` documents the choices the paper leaves open."""
     summary, _, details = doc.partition("\n\n")
-    return argparse.ArgumentParser(description=summary, epilog=details,
+    return argparse.ArgumentParser(description=summary, epilog=details, allow_abbrev=False,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

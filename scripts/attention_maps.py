@@ -42,8 +42,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_image_args, add_model_args, build_model, fit_size, load_rgb,  # noqa: E402
-                     model_label, output_dir, overlay, parse_overrides, plt, resize_rgb, script_parser, to_tensor,
-                     write_json)
+                     model_label, output_dir, overlay, parse_overrides, plt, resize_rgb, run_script, script_parser,
+                     to_tensor, write_json)
 
 import cbsa_core  # noqa: E402
 from cbsa_core.checkpoint import check_state_dict, extract_state_dict, read_checkpoint  # noqa: E402
@@ -243,4 +243,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

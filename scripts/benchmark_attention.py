@@ -60,7 +60,7 @@ from cbsa_core.engine.amp import autocast_context
 from cbsa_core.layers.linear_attention import LinearAttention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import output_dir, plt, torch_threads, write_csv  # noqa: E402
+from _common import output_dir, plt, run_script, torch_threads, write_csv  # noqa: E402
 from official_cbsa import OfficialCBSA  # noqa: E402
 
 IMPLS = ("cbsa", "cbsa_official", "agent", "mssa", "sdpa", "linear")
@@ -360,7 +360,7 @@ def plot(rows: List[Dict], path: Path, title: str) -> None:
 
 # ------------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 runs under torch.autocast")
@@ -438,4 +438,4 @@ def run(args: argparse.Namespace) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -33,7 +33,7 @@ import cbsa_core
 from cbsa_core.engine.amp import autocast_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import output_dir, torch_threads, write_csv  # noqa: E402
+from _common import output_dir, run_script, torch_threads, write_csv  # noqa: E402
 from benchmark_attention import TIMERS, time_min  # noqa: E402  (the same timing as the layer benchmark)
 
 # benchmark name -> (family, builder name)
@@ -116,7 +116,7 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 runs under torch.autocast")
@@ -185,4 +185,4 @@ def run(args: argparse.Namespace) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (BUNDLED_GRAY, BUNDLED_RGB, add_model_args, build_model, image_batch, model_label,  # noqa: E402
-                     model_specs, output_dir, parse_overrides, plt, script_parser, write_csv,
+                     model_specs, output_dir, parse_overrides, plt, run_script, script_parser, write_csv,
                      write_json)
 
 from cbsa_core import CBSA  # noqa: E402
@@ -177,4 +177,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

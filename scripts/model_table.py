@@ -30,7 +30,7 @@ from cbsa_core.flops import PAPER_CLASSIFICATION, analytic_flops, count_paramete
 from cbsa_core.registry import ALIASES, MODEL_CONFIGS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_csv  # noqa: E402
+from _common import run_script, write_csv  # noqa: E402
 
 FIELDS = ["model", "attention", "params", "gflops_paper_convention", "gflops_measured", "paper_params_m",
           "params_deviation", "paper_gflops", "gflops_deviation"]
@@ -91,7 +91,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
                    help=f"models to tabulate (default: all canonical models: {', '.join(canonical_models())}); "
@@ -124,4 +124,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

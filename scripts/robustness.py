@@ -58,7 +58,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (IMAGENET_MEAN, IMAGENET_STD, build_model, model_label, output_dir,  # noqa: E402
-                     parse_overrides, plt, script_parser, write_csv, write_json)
+                     parse_overrides, plt, run_script, script_parser, write_csv, write_json)
 
 __all__ = ["DEFAULT_SIGMAS", "select_parameters", "perturbed", "robustness_curve", "main"]
 
@@ -269,4 +269,4 @@ def main(argv: Optional[Sequence[str]] = None, metric_fn: Optional[MetricFn] = N
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

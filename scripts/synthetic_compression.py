@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import output_dir, plt, script_parser, torch_threads, write_csv, write_json  # noqa: E402
+from _common import (output_dir, plt, run_script, script_parser, torch_threads, write_csv,  # noqa: E402
+                     write_json)
 
 from cbsa_core.layers.special_cases import cbsa_step, linear_attention_form, principal_representatives  # noqa: E402
 
@@ -207,4 +208,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

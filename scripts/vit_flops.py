@@ -18,13 +18,14 @@ import argparse
 import sys
 from typing import List, Optional
 
+from cbsa_core.engine.cli import run_cli
 from finetune_vit.flops import PAPER_FIG9, VARIANTS, VIT_SHAPES, vit_flops
 
 LABELS = dict(mhsa="MHSA", linear="Linear", cbsa_star="CBSA*", cbsa_vee="CBSA^v")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--sizes", nargs="+", default=list(VIT_SHAPES), choices=list(VIT_SHAPES),
                    help="ViT sizes to tabulate (default: all)")
@@ -64,4 +65,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

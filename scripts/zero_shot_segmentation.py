@@ -54,7 +54,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_model_args, build_model, load_rgb, model_label, model_specs, output_dir,  # noqa: E402
-                     parse_overrides, plt, resize_rgb, script_parser, write_csv, write_json)
+                     parse_overrides, plt, resize_rgb, run_script, script_parser, write_csv, write_json)
 from attention_maps import class_token_maps, model_input  # noqa: E402
 
 __all__ = ["TARGETS", "mass_threshold", "upsample_mask", "boundary_band", "jaccard", "score_masks", "voc_items",
@@ -382,4 +382,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

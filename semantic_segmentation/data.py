@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mmcv
 import numpy as np
@@ -188,6 +188,13 @@ class SegmentationFolder(Dataset):
                                        f"is {b.size[0]}x{b.size[1]}")
             if check_values:
                 self.load_label(i)
+
+    def check_labels(self, indices: Optional[Iterable[int]] = None) -> None:
+        """Read the label maps of ``indices`` (all by default) and check their values, without decoding the
+        images: training reads its validation labels this way up front, instead of meeting a bad one at the first
+        evaluation, after a whole training epoch."""
+        for i in range(len(self)) if indices is None else indices:
+            self.load_label(int(i))
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from cbsa_core.engine.amp import autocast_context
 from cbsa_core.engine.distributed import (ShardedEvalSampler, all_reduce_sum, collective_device, get_rank,
                                          get_world_size)
+from cbsa_core.engine.finite import NonFiniteOutputError
 
 from .data import eval_collate
 from .metrics import confusion_matrix, metrics_from_confusion
@@ -130,9 +131,12 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], flips: Sequence[bo
 def confusion_on_shard(model: nn.Module, dataset: Dataset, rank: int, world_size: int, *, window_size: int,
                        window_stride: int, window_batch_size: int = 4, precision: str = "fp32",
                        upscale_small: bool = True, num_workers: int = 0, num_images: Optional[int] = None,
-                       log_every: int = 0) -> Tuple[torch.Tensor, int]:
+                       log_every: int = 0, count_non_finite: bool = False):
     """Confusion matrix (n_cls, n_cls) over this rank's share of the first ``num_images`` images (all by
-    default), and how many images that was. The shares of ranks 0..world_size-1 partition the set."""
+    default), and how many images that was. The shares of ranks 0..world_size-1 partition the set.
+
+    With ``count_non_finite`` a third value follows: how many of those images got NaN/inf probabilities (their
+    argmax, and so their confusion counts, mean nothing)."""
     n_cls = int(dataset.n_cls)
     device = next(model.parameters()).device
     n_total = len(dataset) if num_images is None else min(int(num_images), len(dataset))
@@ -140,18 +144,20 @@ def confusion_on_shard(model: nn.Module, dataset: Dataset, rank: int, world_size
     sampler = ShardedEvalSampler(n_total, rank, world_size)
     loader = DataLoader(subset, batch_size=1, sampler=sampler, num_workers=num_workers, collate_fn=eval_collate)
     cm = torch.zeros((n_cls, n_cls), dtype=torch.int64, device=device)
-    seen = 0
+    seen = non_finite = 0
     start = time.perf_counter()
     for i, item in enumerate(loader):
         label = item["label"].to(device)
-        pred = predict(model, item["images"], item["flips"], tuple(label.shape), window_size=window_size,
-                       window_stride=window_stride, window_batch_size=window_batch_size, precision=precision,
-                       upscale_small=upscale_small)
-        cm += confusion_matrix(pred, label, n_cls)
+        probs = predict_probabilities(model, item["images"], item["flips"], tuple(label.shape),
+                                      window_size=window_size, window_stride=window_stride,
+                                      window_batch_size=window_batch_size, precision=precision,
+                                      upscale_small=upscale_small)
+        non_finite += int(not bool(torch.isfinite(probs).all()))
+        cm += confusion_matrix(probs.argmax(dim=0), label, n_cls)
         seen += 1
         if log_every and (i + 1) % log_every == 0:
             _LOG.info("eval [%d/%d] %.2fs/img", i + 1, len(sampler), (time.perf_counter() - start) / (i + 1))
-    return cm, seen
+    return (cm, seen, non_finite) if count_non_finite else (cm, seen)
 
 
 @torch.no_grad()
@@ -167,21 +173,24 @@ def evaluate_miou(model: nn.Module, dataset: Dataset, *, window_size: int = 512,
     pass the unwrapped model (no DDP collectives in the forward). ``max_images`` evaluates a prefix of the set.
 
     Returns :func:`metrics_from_confusion`'s dict plus ``confusion`` ((n_cls, n_cls) int64 tensor) and
-    ``num_images`` (the total over all ranks).
+    ``num_images`` (the total over all ranks). Raises :class:`~cbsa_core.engine.finite.NonFiniteOutputError` on
+    every rank when any image got non-finite outputs: the mIoU of such a model would be made up.
     """
     was_training = model.training
     model.eval()
     n_total = len(dataset) if max_images is None else min(int(max_images), len(dataset))
-    cm, seen = confusion_on_shard(model, dataset, get_rank(), get_world_size(), window_size=window_size,
-                                  window_stride=window_stride, window_batch_size=window_batch_size,
-                                  precision=precision, upscale_small=upscale_small, num_workers=num_workers,
-                                  num_images=n_total, log_every=log_every)
+    cm, seen, non_finite = confusion_on_shard(
+        model, dataset, get_rank(), get_world_size(), window_size=window_size, window_stride=window_stride,
+        window_batch_size=window_batch_size, precision=precision, upscale_small=upscale_small,
+        num_workers=num_workers, num_images=n_total, log_every=log_every, count_non_finite=True)
     model.train(was_training)
     # Confusion counts are exact integers, so the sum over ranks equals a single-process evaluation.
     cm = all_reduce_sum(cm.to(collective_device()))
-    counts = all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=collective_device()))
-    if int(counts.item()) != n_total:
-        raise RuntimeError(f"evaluated {int(counts.item())} images across ranks, expected {n_total}")
+    counts = all_reduce_sum(torch.tensor([seen, non_finite], dtype=torch.int64, device=collective_device()))
+    if int(counts[0].item()) != n_total:
+        raise RuntimeError(f"evaluated {int(counts[0].item())} images across ranks, expected {n_total}")
+    if int(counts[1].item()):
+        raise NonFiniteOutputError("mIoU evaluation", int(counts[1].item()), n_total)
     result = metrics_from_confusion(cm, getattr(dataset, "class_names", None))
     result.update(confusion=cm.cpu(), num_images=n_total)
     return result

@@ -13,14 +13,18 @@ decay (power 0.9) to 1e-5 stepped every iteration, 64 epochs, global batch 8, dr
 ignoring 255, evaluation every 2 epochs with 512 windows and stride 512 (variants below the window upscaled to it,
 as in the release).
 
-``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume`` continues from it exactly),
-``variant.yml`` (the run's settings), ``log.txt`` (one JSON line per epoch) and TensorBoard event files.
+``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume``, the default, continues from it exactly
+with the same settings), ``variant.yml`` (the release's description of the run), ``config.yaml`` (the settings
+used), ``log.txt`` (one JSON line per epoch) and ``tensorboard/``. The epoch loop and the run lifecycle are the
+engine's (:func:`cbsa_core.engine.fit` with an mIoU evaluator and the per-iteration schedule): the log folder is
+checked first (``--no-resume`` into a folder holding a run needs ``--overwrite``), a resume with another schedule,
+learning rate, optimizer, seed or model is refused naming the flag, NaN/Inf stops the run without saving, the
+validation labels are checked before training, and exit codes are 1 (refusal), 2 (bad flag), 130/143 (signals).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -32,37 +36,47 @@ if __package__ in (None, ""):
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
-from cbsa_core.checkpoint import CheckpointError
-from cbsa_core.engine import (ConfigError, JsonlLogger, PolynomialLambda, TensorBoardLogger, build_lambda_scheduler,
-                              build_optimizer, cleanup_distributed, epoch_seed, init_distributed,
-                              load_training_checkpoint, make_grad_scaler, make_train_sampler,
-                              parse_args_with_config, save_training_checkpoint, seed_everything, setup_logging,
-                              train_one_epoch, unwrap_model, wrap_ddp)
-from semantic_segmentation.data import DATASET_DEFAULTS, DatasetError, build_dataset, resolve_data_root
+from cbsa_core.atomic import atomic_write_yaml
+from cbsa_core.checkpoint import read_checkpoint
+from cbsa_core.engine import (ConfigError, MustMatch, PolynomialLambda, RunFiles, ShardedEvalSampler,
+                              build_lambda_scheduler, build_optimizer, check_output_dir, check_resume_consistency,
+                              cleanup_distributed, finite_float, fit, init_distributed, load_training_checkpoint,
+                              make_grad_scaler, make_train_loader, model_settings_error, non_negative_float,
+                              non_negative_int, parse_args_with_config, positive_float, positive_int, run_cli,
+                              seed_everything, setup_logging, unwrap_model, wrap_ddp)
+from semantic_segmentation.data import DATASET_DEFAULTS, build_dataset, resolve_data_root
 from semantic_segmentation.decoders import DECODER_SUMMARIES, DECODERS
 from semantic_segmentation.encoder import BACKBONES, pretrained_weights_hint
 from semantic_segmentation.inference import evaluate_miou
 from semantic_segmentation.model import ARCH, create_segmenter, default_model_config
 from semantic_segmentation.transforms import IGNORE_INDEX
-from semantic_segmentation.yaml_files import write_yaml_atomic
 
 _LOG = logging.getLogger("semantic_segmentation.main")
 
-CHECKPOINT_NAME = "checkpoint.pth"
+# The release's run folder: checkpoint.pth (no best checkpoint), log.txt; config.yaml and tensorboard/ are this
+# project's, as in the other tracks.
+RUN_FILES = RunFiles(checkpoint="checkpoint.pth", best=None, log="log.txt")
+CHECKPOINT_NAME = RUN_FILES.checkpoint
+VARIANT_NAME = "variant.yml"
+SCORE_FILES = ("scores_ss.yml", "scores_ms.yml")
+# model_config entries and the flags that set them, for the resume check's messages.
+MODEL_FLAGS = {"backbone": "--backbone", "n_cls": "--n-cls", "image_size": "--crop-size", "patch_size": "--patch-size",
+               "d_model": "--d-model", "n_heads": "--enc-heads", "n_layers": "--enc-layers",
+               "normalization": "--normalization", "dropout": "--dropout", "drop_path_rate": "--drop-path",
+               "decoder.name": "--decoder"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a Segmenter ViT encoder + a segmentation decoder (CBT by "
                                 "default; --decoder picks the baselines)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file of defaults (keys = option names with underscores); "
                    "command-line options override it")
     p.add_argument("--log-dir", default=None, help="run folder: checkpoint.pth, variant.yml, log.txt, TensorBoard")
     p.add_argument("--dataset", default="ade20k", choices=sorted(DATASET_DEFAULTS))
     p.add_argument("--data-root", default=None, help="dataset root (default: $DATASET)")
-    p.add_argument("--n-cls", type=int, default=None, help="number of classes (default: the dataset's; "
+    p.add_argument("--n-cls", type=positive_int, default=None, help="number of classes (default: the dataset's; "
                    "required for --dataset folder)")
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=False,
                    help="--dataset folder only: map label 0 to ignore and k to k-1 (ADE20K always does)")
@@ -70,26 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="mask_transformer", choices=list(DECODERS), metavar="NAME",
                    help="decoder, with its released settings as defaults: "
                    + "; ".join(f"{name} = {summary}" for name, summary in DECODER_SUMMARIES.items()))
-    p.add_argument("--im-size", type=int, default=None, help="short side of the base scale (dataset default 512)")
-    p.add_argument("--crop-size", type=int, default=None, help="training crop (dataset default 512)")
-    p.add_argument("--window-size", type=int, default=None, help="validation window (default: crop size)")
-    p.add_argument("--window-stride", type=int, default=None, help="validation stride (dataset default 512)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over ranks (default 8)")
-    p.add_argument("--epochs", type=int, default=None, help="default 64")
-    p.add_argument("-lr", "--learning-rate", type=float, default=None, help="default 1e-3")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--poly-power", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--im-size", type=positive_int, default=None,
+                   help="short side of the base scale (dataset default 512)")
+    p.add_argument("--crop-size", type=positive_int, default=None, help="training crop (dataset default 512)")
+    p.add_argument("--window-size", type=positive_int, default=None, help="validation window (default: crop size)")
+    p.add_argument("--window-stride", type=positive_int, default=None, help="validation stride (dataset default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="global batch, split over ranks (default 8)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default 64")
+    p.add_argument("-lr", "--learning-rate", type=positive_float, default=None, help="default 1e-3")
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
+    p.add_argument("--poly-power", type=non_negative_float, default=0.9)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "lion"])
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=non_negative_float, default=0.9)
     p.add_argument("--scheduler", default="polynomial", choices=["polynomial"])
-    p.add_argument("--dropout", type=float, default=0.0, help="encoder dropout")
-    p.add_argument("--drop-path", type=float, default=0.1, help="encoder stochastic depth")
-    p.add_argument("--eval-freq", type=int, default=None, help="evaluate every N epochs and at the end (default 2)")
+    p.add_argument("--dropout", type=finite_float, default=0.0, help="encoder dropout")
+    p.add_argument("--drop-path", type=finite_float, default=0.1, help="encoder stochastic depth")
+    p.add_argument("--eval-freq", type=positive_int, default=None,
+                   help="evaluate every N epochs and at the end (default 2)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from LOG_DIR/checkpoint.pth when it exists")
+                   help="continue from LOG_DIR/checkpoint.pth when it exists (with the same settings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --no-resume: replace the run in --log-dir (its files are removed)")
     p.add_argument("--pretrained-file", default=None,
                    help="local ImageNet weights of the backbone (.npz, .safetensors or .pth); nothing downloads")
     p.add_argument("--from-scratch", action="store_true", help="train without pretrained encoder weights")
@@ -117,15 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--normalization", default=None, choices=["vit", "deit"], help="default: the backbone's")
     # Run control.
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=non_negative_int, default=4)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--print-freq", type=int, default=50)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="debug: cut every epoch short")
-    p.add_argument("--eval-max-images", type=int, default=None, help="debug: evaluate a prefix of the val set")
-    p.add_argument("--stop-after", type=int, default=None,
+    p.add_argument("--print-freq", type=positive_int, default=50)
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None, help="debug: cut every epoch short")
+    p.add_argument("--eval-max-images", type=positive_int, default=None, help="debug: evaluate a prefix of the val set")
+    p.add_argument("--stop-after", type=positive_int, default=None,
                    help="leave after this many epochs of this invocation (time-limited jobs; --resume continues)")
-    p.add_argument("--window-batch-size", type=int, default=4)
+    p.add_argument("--window-batch-size", type=positive_int, default=4)
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--verify-data", action="store_true",
                    help="check every image/label pair of both splits (sizes, label values) before training")
@@ -134,11 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the command line over the ``--config`` YAML values (checked by the engine's loader: unknown keys,
-    values a flag would refuse and YAML syntax errors exit through ``parser.error``, status 2)."""
+    values a flag would refuse and YAML syntax errors exit through ``parser.error``, status 2). The resolved
+    settings and the model they describe are checked here too (the model is built on the meta device), so an
+    impossible combination is a usage error before anything is read or written."""
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     if not args.log_dir:
         parser.error("--log-dir is required")
+    for flag, value in (("--dropout", args.dropout), ("--drop-path", args.drop_path)):
+        if not 0.0 <= value < 1.0:
+            parser.error(f"{flag} must lie in [0, 1), got {value}")
+    try:
+        settings = resolve_settings(args)
+        model_config = model_config_from_args(args, settings)
+    except ConfigError as e:
+        parser.error(str(e))
+    if args.min_lr > settings["learning_rate"]:
+        parser.error(f"--min-lr {args.min_lr} exceeds the learning rate {settings['learning_rate']}")
+    crop = settings["crop_size"]
+    error = model_settings_error(lambda: create_segmenter(model_config), (1, 3, crop, crop))
+    if error:
+        parser.error(f"--backbone {args.backbone} with the model flags: {error}")
     return args
 
 
@@ -207,10 +241,78 @@ def _precision(args: argparse.Namespace, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "bf16"
 
 
+def _recorded_settings(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a checkpoint's run used: its resolved ``variant.settings`` under the recorded flags."""
+    variant = saved.get("variant") or {}
+    recorded = {k: v for k, v in (saved.get("config") or {}).items() if v is not None}
+    recorded.update(variant.get("settings") or {})
+    return recorded
+
+
+def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _resume_settings(args: argparse.Namespace, settings: Dict[str, Any], model_config: Dict[str, Any],
+                     saved: Dict[str, Any], max_iters: int, steps_per_epoch: int) -> List[MustMatch]:
+    """What a resumed run must share with its checkpoint (engine rule: :mod:`cbsa_core.engine.resume`): the
+    polynomial schedule (length in iterations, learning rates, power), the optimizer, the seed and the model."""
+    recorded = _recorded_settings(saved)
+    lambdas = (saved.get("scheduler") or {}).get("lr_lambdas") or [None]
+    schedule = lambdas[0] if isinstance(lambdas[0], dict) else {}
+    checks = [
+        MustMatch("--seed", args.seed, recorded.get("seed")),
+        MustMatch("--epochs", settings["epochs"], recorded.get("epochs")),
+        MustMatch("--batch-size", settings["batch_size"], recorded.get("batch_size")),
+        MustMatch("--learning-rate", settings["learning_rate"], recorded.get("learning_rate")),
+        MustMatch("--min-lr", args.min_lr, schedule.get("min_lr", recorded.get("min_lr"))),
+        MustMatch("--poly-power", args.poly_power, schedule.get("power", recorded.get("poly_power"))),
+        MustMatch("--optimizer", args.optimizer, recorded.get("optimizer")),
+        MustMatch("--momentum", args.momentum, recorded.get("momentum")),
+        MustMatch("--weight-decay", args.weight_decay, recorded.get("weight_decay")),
+        # Same flags, another training set size (or --max-steps-per-epoch): the decay would end elsewhere.
+        MustMatch("--epochs", max_iters, schedule.get("max_iters"),
+                  what="the polynomial schedule's length (iterations)",
+                  fix=f"resume with the run's --epochs, --batch-size and --max-steps-per-epoch on the same training "
+                      f"set (this command gives {steps_per_epoch} steps per epoch)"),
+    ]
+    saved_model = _flatten(saved.get("model_config") or {})
+    current = _flatten(model_config)
+    flags = dict(MODEL_FLAGS, **{f"decoder.{k}": v for k, v in DECODER_FLAGS.items()})
+    for key in sorted(set(saved_model) & set(current)):
+        flag = flags.get(key)
+        checks.append(MustMatch(flag or "--backbone", current[key], saved_model[key], dest=(flag or "").lstrip("-"),
+                                what=f"model setting {key}",
+                                fix=None if flag else "resume with the model flags of the run"))
+    return checks
+
+
+def _run_config(args: argparse.Namespace, settings: Dict[str, Any], **resolved: Any) -> Dict[str, Any]:
+    """The settings this run really uses: the flags, with the dataset defaults filled in."""
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    config.update(settings)
+    config.update(resolved)
+    return config
+
+
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run training as configured by ``args``; returns the last epoch's log record."""
+    """Run training as configured by ``args`` through the engine's :func:`~cbsa_core.engine.fit`; returns its
+    result (the last epoch's metrics and the best mIoU)."""
     settings = resolve_settings(args)
     model_config = model_config_from_args(args, settings)
+    log_dir = Path(args.log_dir)
+    ckpt_path = log_dir / CHECKPOINT_NAME
+    resuming = bool(args.resume) and ckpt_path.is_file()
+    out = check_output_dir(log_dir, flag="--log-dir", run_files=RUN_FILES.run_markers,
+                           resume_from=ckpt_path if resuming else None, overwrite=args.overwrite,
+                           also_replaced=RUN_FILES.run_companions + (VARIANT_NAME,) + SCORE_FILES,
+                           continue_hint="--resume (the default)")
     data_root = resolve_data_root(args.data_root)  # the dataset is checked before the weights
     common = dict(n_cls=settings["n_cls"], im_size=settings["im_size"], normalization=model_config["normalization"],
                   reduce_zero_label=args.reduce_zero_label)
@@ -220,9 +322,6 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if args.verify_data:
         train_set.verify()
         val_set.verify()
-    log_dir = Path(args.log_dir)
-    ckpt_path = log_dir / CHECKPOINT_NAME
-    resuming = bool(args.resume) and ckpt_path.is_file()
     if not resuming and not args.pretrained_file and not args.from_scratch:
         raise ConfigError(f"no encoder weights: pass --pretrained-file PATH, "
                           f"{pretrained_weights_hint(model_config['backbone'])}; nothing is downloaded. "
@@ -230,7 +329,19 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     dist_info = init_distributed(args.device)
     setup_logging(dist_info.rank)
+    try:
+        return _train(args, settings, model_config, dist_info, out, resuming, train_set, val_set)
+    finally:
+        cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, settings: Dict[str, Any], model_config: Dict[str, Any], dist_info, out,
+           resuming: bool, train_set, val_set) -> Dict[str, Any]:
     device = dist_info.device
+    ckpt_path = out.path / CHECKPOINT_NAME
+    n_eval = len(val_set) if args.eval_max_images is None else min(args.eval_max_images, len(val_set))
+    # The labels the evaluations will score, read now: a bad one would otherwise surface after a training epoch.
+    val_set.check_labels(ShardedEvalSampler(n_eval, dist_info.rank, dist_info.world_size))
     precision = _precision(args, device)
     if settings["batch_size"] % dist_info.world_size:
         raise ConfigError(f"--batch-size {settings['batch_size']} does not divide over "
@@ -245,9 +356,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     # Each group carries its own weight decay (timm likewise passes 0 as the optimizer default).
     optimizer = build_optimizer(args.optimizer, optimizer_param_groups(net, args.weight_decay),
                                 settings["learning_rate"], 0.0, momentum=args.momentum, nesterov=True)
-    sampler = make_train_sampler(train_set, dist_info, args.seed, 0)
-    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, shuffle=False,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=False)
+    loader = make_train_loader(train_set, dist_info, batch_size=per_rank_batch, workers=args.num_workers,
+                               seed=args.seed)
     steps_per_epoch = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
     max_iters = steps_per_epoch * settings["epochs"]
     scheduler = build_lambda_scheduler(optimizer, PolynomialLambda(settings["learning_rate"], max_iters,
@@ -256,78 +366,55 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
     start_epoch, best = 0, None
+    pretrained = None if args.from_scratch else args.pretrained_file
     if resuming:
+        saved = read_checkpoint(ckpt_path)
+        check_resume_consistency(ckpt_path, _resume_settings(args, settings, model_config, saved, max_iters,
+                                                             steps_per_epoch), args)
+        pretrained = (saved.get("config") or {}).get("pretrained_file")  # what the resumed weights came from
+        del saved
         ckpt = load_training_checkpoint(ckpt_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
         _LOG.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
 
+    config = _run_config(args, settings, pretrained_file=pretrained, precision=precision,
+                         world_size=dist_info.world_size)
     variant = dict(net_kwargs=model_config, dataset=args.dataset, settings=settings, precision=precision,
                    inference_kwargs=dict(im_size=settings["im_size"], window_size=settings["window_size"],
                                          window_stride=settings["window_stride"]),
-                   world_size=dist_info.world_size, args={k: (list(v) if isinstance(v, tuple) else v)
-                                                          for k, v in vars(args).items()})
-    tb = TensorBoardLogger(log_dir, enabled=args.tensorboard and dist_info.is_main)
-    jsonl = JsonlLogger(log_dir / "log.txt", enabled=dist_info.is_main)
+                   world_size=dist_info.world_size, args=config)
     if dist_info.is_main:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml_atomic(log_dir / "variant.yml", variant)
+        out.claim()
+        atomic_write_yaml(out.path / VARIANT_NAME, variant)
         n_params = sum(p.numel() for p in net.parameters())
         n_dec = sum(p.numel() for p in net.decoder.parameters())
         _LOG.info("model: %s encoder + CBT decoder, %.2fM parameters (decoder %.3fM); %d train / %d val images; "
                   "%d steps/epoch, %d epochs, precision %s", model_config["backbone"], n_params / 1e6, n_dec / 1e6,
                   len(train_set), len(val_set), steps_per_epoch, settings["epochs"], precision)
 
-    record: Dict[str, Any] = {}
-    try:
-        last_epoch = settings["epochs"] if args.stop_after is None else min(settings["epochs"],
-                                                                           start_epoch + args.stop_after)
-        for epoch in range(start_epoch, last_epoch):
-            # Augmentations depend on (seed, epoch, index) and the sampler on (seed, epoch); re-seeding the global
-            # RNG (drop-path, loader workers) per epoch makes a resumed run continue exactly.
-            seed_everything(epoch_seed(args.seed, epoch, dist_info.rank))
-            train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, loader, criterion, optimizer, epoch=epoch, device=device, scaler=scaler,
-                                    precision=precision, scheduler_per_iter=scheduler, print_freq=args.print_freq,
-                                    log_fn=lambda v, step: tb.scalars(v, step, prefix="train/"),
-                                    dist_info=dist_info, max_steps=args.max_steps_per_epoch,
-                                    compute_accuracy=False, epochs=settings["epochs"], checkpoint_path=ckpt_path)
-            record = dict(epoch=epoch, num_updates=(epoch + 1) * steps_per_epoch, train_loss=stats["loss"],
-                          train_learning_rate=stats["lr"])
-            if epoch % settings["eval_freq"] == 0 or epoch == settings["epochs"] - 1:
-                scores = evaluate_miou(net, val_set, window_size=settings["window_size"],
-                                       window_stride=settings["window_stride"],
-                                       window_batch_size=args.window_batch_size, max_images=args.eval_max_images,
-                                       num_workers=min(args.num_workers, 2))
-                record.update(val_pixel_accuracy=scores["pixel_accuracy"], val_mean_accuracy=scores["mean_accuracy"],
-                              val_mean_iou=scores["mean_iou"])
-                if best is None or (math.isfinite(scores["mean_iou"]) and scores["mean_iou"] > best):
-                    best = scores["mean_iou"]
-            if dist_info.is_main:
-                save_training_checkpoint(ckpt_path, model=net, arch=ARCH, model_config=model_config,
-                                         optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                                         best_metric=best, config=vars(args), variant=variant,
-                                         n_cls=settings["n_cls"])
-                jsonl.log(record)
-                tb.scalars({k: v for k, v in record.items() if k.startswith("val_")}, epoch, prefix="val/")
-                tb.scalar("train/epoch_loss", stats["loss"], epoch)
-                tb.flush()
-                _LOG.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
-                                                  for k, v in record.items()})
-    finally:
-        tb.close()
-        cleanup_distributed()
-    return record
+    def evaluate(model: nn.Module) -> Dict[str, Any]:
+        scores = evaluate_miou(unwrap_model(model), val_set, window_size=settings["window_size"],
+                               window_stride=settings["window_stride"], window_batch_size=args.window_batch_size,
+                               max_images=args.eval_max_images, num_workers=min(args.num_workers, 2))
+        return {k: scores[k] for k in ("pixel_accuracy", "mean_accuracy", "mean_iou", "num_images")}
+
+    return fit(model, train_loader=loader, criterion=criterion, optimizer=optimizer, dist_info=dist_info,
+               output_dir=out, seed=args.seed, epochs=settings["epochs"], arch=ARCH, model_config=model_config,
+               config=config, evaluator=evaluate, best_metric_name="mean_iou", eval_freq=settings["eval_freq"],
+               scheduler=scheduler, scheduler_interval="iteration", start_epoch=start_epoch,
+               stop_epoch=None if args.stop_after is None else start_epoch + args.stop_after, best_metric=best,
+               scaler=scaler, precision=precision, print_freq=args.print_freq,
+               max_steps_per_epoch=args.max_steps_per_epoch, tensorboard=args.tensorboard, files=RUN_FILES,
+               record_extra=lambda epoch, stats: dict(num_updates=(epoch + 1) * steps_per_epoch,
+                                                      train_learning_rate=stats["lr"]),
+               start_info={"resume": str(ckpt_path) if resuming else None, "pretrained_file": pretrained},
+               checkpoint_extra=dict(variant=variant, n_cls=settings["n_cls"]))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Console entry: the engine's exit codes (:mod:`cbsa_core.engine.cli`): 0 done, 1 refused (one ``error:``
+    line), 2 bad flags, 130/143 interrupted."""
+    return run_cli(lambda a: train(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

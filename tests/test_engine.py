@@ -311,7 +311,7 @@ def test_train_sampler_depends_only_on_seed_and_epoch():
 
 
 # ------------------------------------------------------------------------------------------------------ loops
-def test_nonfinite_loss_stops_before_step():
+def test_nonfinite_loss_stops_before_step(tmp_path):
     seed_everything(0)
     ds = _dataset()
     model = Tiny()
@@ -327,10 +327,11 @@ def test_nonfinite_loss_stops_before_step():
         calls["n"] += 1
         return loss * float("nan") if calls["n"] == 3 else loss
 
+    last = tmp_path / "last.pth"
+    last.write_bytes(b"kept")
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 3, step 2: stopping; the last good "
-                                                 r"checkpoint is kept at runs/x/last\.pth") as info:
-        train_one_epoch(model, _loader(ds, 0), nan_at_third, opt, epoch=3, device="cpu",
-                        checkpoint_path="runs/x/last.pth")
+                                                 r"checkpoint is kept at .*last\.pth") as info:
+        train_one_epoch(model, _loader(ds, 0), nan_at_third, opt, epoch=3, device="cpu", checkpoint_path=last)
     assert (info.value.epoch, info.value.step) == (3, 2)
     assert len(snapshots) == 2  # two good steps, no step on the nan loss
     for k, v in model.named_parameters():  # (BatchNorm buffers did see the failing forward)
@@ -340,8 +341,11 @@ def test_nonfinite_loss_stops_before_step():
     model = Tiny()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = build_optimizer("sgd", model, lr=0.1, weight_decay=0.0)
-    with pytest.raises(NonFiniteLossError, match="loss is inf at epoch 0, step 0"):
-        train_one_epoch(model, _loader(ds, 0), lambda o, y: ce(o, y) + float("inf"), opt, epoch=0, device="cpu")
+    # The message checks the disk: no file at the path means none is claimed to be kept.
+    with pytest.raises(NonFiniteLossError, match=r"loss is inf at epoch 0, step 0: stopping; no checkpoint was "
+                                                 r"written \(there is none at .*none\.pth\)"):
+        train_one_epoch(model, _loader(ds, 0), lambda o, y: ce(o, y) + float("inf"), opt, epoch=0, device="cpu",
+                        checkpoint_path=tmp_path / "none.pth")
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
     assert opt.state_dict()["state"] == {}
 
@@ -711,7 +715,8 @@ def _fit_tiny(out: Path, *, workers: int, stop_epoch=None, resume: bool = False)
     return fit(model, train_loader=train, val_loader=val, criterion=nn.CrossEntropyLoss(), optimizer=opt,
                scheduler=sched, dist_info=info, output_dir=out, seed=7, epochs=3, start_epoch=start,
                stop_epoch=stop_epoch, best_metric=best, print_freq=100, tensorboard=False, arch="tiny",
-               model_config={"width": 16}, config={"seed": 7, "path": out}, record_extra=lambda: {"extra": 1})
+               model_config={"width": 16}, config={"seed": 7, "path": out},
+               record_extra=lambda epoch, train: {"extra": 1})
 
 
 def test_fit_resume_is_bit_exact_with_loader_workers(tmp_path, capsys):

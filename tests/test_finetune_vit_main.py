@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import yaml
 from PIL import Image
 
 from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError, read_checkpoint
-from cbsa_core.engine import ConfigError
+from cbsa_core.engine import ResumeMismatchError
 from finetune_vit.main import main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,21 +139,23 @@ def test_resume_with_other_variant_is_refused(data, init_file, tmp_path):
     out = tmp_path / "run"
     main(argv(data, out, "--pretrained-file", str(init_file), "--epochs", "1"))
     ckpt = str(out / "checkpoint.pth.tar")
-    with pytest.raises(CheckpointError, match="trained with attention='cbsa_vee', but this run uses "
-                                              "attention='linear'"):
+    with pytest.raises(ResumeMismatchError, match="--attention linear \\(from the command line\\) differs from "
+                                                  "cbsa_vee, which --resume .* was trained with; evaluating it"):
         main(argv(data, out, "--attention", "linear", "--evaluate", "--resume", ckpt))
-    with pytest.raises(CheckpointError, match="trained with norm='imagenet', but this run uses norm='inception'"):
+    with pytest.raises(ResumeMismatchError, match="--norm inception .* differs from imagenet"):
         main(argv(data, out, "--norm", "inception", "--evaluate", "--resume", ckpt))
-    with pytest.raises(CheckpointError, match=r"trained with layers=\[0, 1\], but this run uses layers=\[1\]"):
+    with pytest.raises(ResumeMismatchError, match="--layers 1 .* differs from 0 1.*: pass --layers 0 1"):
         main(argv(data, out, "--layers", "1", "--evaluate", "--resume", ckpt))
     # The same blocks listed in another order are the same model.
     ev = main(argv(data, out, "--layers", "1", "0", "--evaluate", "--resume", ckpt))
     assert ev["val"]["num_images"] == 18
-    # Training on from it needs the same schedule length and seed, or it would not continue the run exactly.
-    with pytest.raises(ConfigError, match="cosine schedule over 1 epochs"):
-        main(argv(data, out, "--epochs", "2", "--resume", ckpt))
-    with pytest.raises(ConfigError, match="--seed 5 differs from the seed 0"):
-        main(argv(data, out, "--epochs", "1", "--seed", "5", "--resume", ckpt))
+    # Training on from it needs the same schedule, seed, optimizer, lr and weight decay (the engine's one rule).
+    for extra, match in ((("--epochs", "2"), "--epochs 2 (from the command line) differs from 1"),
+                         (("--epochs", "1", "--seed", "5"), "--seed 5 (from the command line) differs from 0"),
+                         (("--epochs", "1", "--lr", "0.5"), "--lr 0.5 (from the command line) differs from 0.001"),
+                         (("--epochs", "1", "--wd", "0.9"), "--wd 0.9 (from the command line) differs from 0.01")):
+        with pytest.raises(ResumeMismatchError, match=re.escape(match)):
+            main(argv(data, out, *extra, "--resume", ckpt))
 
 
 def _authors_file(src: Path, dst: Path) -> Path:
@@ -178,29 +182,39 @@ def test_authors_file_switches_on_legacy_layout_and_the_saved_config_says_so(dat
     assert ckpt["model_config"]["legacy_token_layout"] is True and ckpt["config"]["legacy_token_layout"] is True
     assert yaml.safe_load((out / "config.yaml").read_text())["legacy_token_layout"] is True
 
-    # As --resume, with a flag that disagrees: the checkpoint's layout wins, the flag is warned about, and the
-    # files written by the resumed run record the layout actually trained.
+    # As --resume: an authors' file records no layout, so it follows the file (legacy), and an explicit flag is
+    # the override the core's rule allows for such files; the files written record the layout really trained.
     caplog.clear()
     out = tmp_path / "resumed"
-    main(argv(data, out, "--resume", str(authors), "--epochs", "2", "--no-legacy-token-layout"))
-    assert "--no-legacy-token-layout is overruled" in caplog.text
+    main(argv(data, out, "--resume", str(authors), "--epochs", "2"))
+    assert "legacy token layout (the file is in the authors' release format" in caplog.text
     ckpt = read_checkpoint(out / "checkpoint.pth.tar")
     assert ckpt["epoch"] == 2
     assert ckpt["model_config"]["legacy_token_layout"] is True and ckpt["config"]["legacy_token_layout"] is True
     assert yaml.safe_load((out / "config.yaml").read_text())["legacy_token_layout"] is True
+    caplog.clear()
+    out2 = tmp_path / "resumed_corrected"
+    main(argv(data, out2, "--resume", str(authors), "--epochs", "2", "--no-legacy-token-layout"))
+    assert "corrected token layout (requested explicitly)" in caplog.text
+    assert read_checkpoint(out2 / "checkpoint.pth.tar")["model_config"]["legacy_token_layout"] is False
+    # This project's checkpoint records its layout: resuming it with the other one is a mismatch, refused.
+    with pytest.raises(ResumeMismatchError, match="legacy_token_layout False .* differs from True.*drop "
+                                                  "--no-legacy-token-layout"):
+        main(argv(data, out, "--resume", str(out / "checkpoint.pth.tar"), "--epochs", "2",
+                  "--no-legacy-token-layout"))
 
 
 def test_config_file_sets_defaults_and_flags_override(data, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("arch: vit_base_patch16_384\nattention: linear\nbatch-size: 64\nweight_decay: 0.05\n"
-                   "model_kwargs: {depth: 1}\nlearning_rate: 1e-4\nrep_grid: [4, 2]\nlayers: [3, 1]\n")
+                   "model_kwargs: {depth: 4}\nlearning_rate: 1e-4\nrep_grid: [4, 2]\nlayers: [3, 1]\n")
     args = parse_args(["--config", str(cfg), "--data", str(data), "--batch-size", "8"])
     assert (args.arch, args.attention, args.batch_size, args.weight_decay) == ("vit_base_patch16_384", "linear", 8,
                                                                                0.05)
-    assert args.model_kwargs == {"depth": 1} and args.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    assert args.model_kwargs == {"depth": 4} and args.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
     assert args.rep_grid == [4, 2] and args.layers == [3, 1]
-    args = parse_args(["--config", str(cfg), "--data", str(data), "--model-kwargs", '{"depth": 2}'])
-    assert args.model_kwargs == {"depth": 2}
+    args = parse_args(["--config", str(cfg), "--data", str(data), "--model-kwargs", '{"depth": 5}'])
+    assert args.model_kwargs == {"depth": 5}
     bad = tmp_path / "bad.yaml"
     for text, needle in [("attention: softmax\n", "'softmax' is not one of cbsa_vee, cbsa_star, linear, mhsa"),
                          ("learning_rat: 0.1\n", "key 'learning_rat' is not a setting"),
@@ -238,11 +252,15 @@ def test_unknown_choices_are_refused_listing_valid_ones(data, tmp_path, capsys, 
     assert all(name in line for name in valid)
 
 
-def test_image_size_not_divisible_by_patch_is_refused(data, tmp_path):
+def test_image_size_not_divisible_by_patch_is_refused(data, tmp_path, capsys):
+    """A size the model refuses is a usage error at parse time (built on the meta device), before any work."""
     args = argv(data, tmp_path / "run")
     args[args.index("--model-kwargs") + 1] = json.dumps(dict(TINY, img_size=36))
-    with pytest.raises(ValueError, match="image size 36x36 is not divisible by the patch size 8x8"):
+    with pytest.raises(SystemExit) as e:
         main(args)
+    assert e.value.code == 2
+    assert "image size 36x36 is not divisible by the patch size 8x8" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_weights_of_another_architecture_are_refused(data, tmp_path):
@@ -257,16 +275,18 @@ def test_weights_of_another_architecture_are_refused(data, tmp_path):
 
 @pytest.mark.parametrize("where", ["inside_folder", "module"])
 def test_command_line_entry_points(data, tmp_path, where):
-    """Both launches work, and a user error exits with status 2 and one line naming the problem."""
-    if where == "inside_folder":
+    """Both launches work, and a runtime refusal exits with status 1 and one line naming the problem."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if where == "inside_folder":  # the script's own bootstrap finds the repository
         cmd, cwd = [sys.executable, "main.py"], REPO / "finetune_vit"
-    else:
-        cmd, cwd = [sys.executable, "-m", "finetune_vit.main"], tmp_path
+    else:  # this checkout's package, whatever an installed copy points at
+        cmd, cwd, env["PYTHONPATH"] = [sys.executable, "-m", "finetune_vit.main"], tmp_path, str(REPO)
     missing = tmp_path / "nowhere"
-    proc = subprocess.run(cmd + ["--data", str(missing), "--arch", ARCH], cwd=cwd, capture_output=True,
+    proc = subprocess.run(cmd + ["--data", str(missing), "--arch", ARCH], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert f"error: dataset root not found (or not a directory): {missing}" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("size,resize", [(224, 256), (384, 438)])

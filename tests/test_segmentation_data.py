@@ -508,7 +508,9 @@ def test_sharded_evaluation_counts_every_image_once(toy_root):
 
 
 def _log(run: Path):
-    return [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
+    """The per-epoch records of a run's log.txt (its start/end events left out)."""
+    records = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
+    return [r for r in records if "event" not in r]
 
 
 def test_training_lowers_loss_resumes_exactly_and_evaluates(toy_root, tmp_path):
@@ -564,19 +566,19 @@ def test_seed_command_fails_cleanly_without_dataset(toy_root, tmp_path, monkeypa
     # the README command, run from inside the folder
     proc = subprocess.run([sys.executable, "main.py", *seed], cwd=REPO / "semantic_segmentation", env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a runtime refusal (engine exit codes): 1, one line
     assert "no dataset root: pass --data-root or set the DATASET environment variable" in proc.stderr
     assert "Traceback" not in proc.stderr
     # $DATASET pointing nowhere
     monkeypatch.setenv("DATASET", str(tmp_path / "missing"))
-    assert seg_main.main(seed) == 2
+    assert seg_main.main(seed) == 1
     assert f"dataset root not found: {tmp_path / 'missing'}" in capsys.readouterr().err
     # a root without ADE20K in it
-    assert seg_main.main(seed + ["--data-root", str(tmp_path)]) == 2
+    assert seg_main.main(seed + ["--data-root", str(tmp_path)]) == 1
     assert "ADE20K not found under" in capsys.readouterr().err
-    # a dataset but no pretrained weights: refused (status 2, like every input error) rather than silently
+    # a dataset but no pretrained weights: refused (status 1, like every runtime refusal) rather than silently
     # training the encoder from scratch; the message names the flag and the weights it must point at
-    assert seg_main.main(seed + ["--data-root", str(toy_root)]) == 2
+    assert seg_main.main(seed + ["--data-root", str(toy_root)]) == 1
     err = capsys.readouterr().err
     assert ("error: no encoder weights: pass --pretrained-file PATH, a local copy of timm's "
             "vit_small_patch16_384.augreg_in21k_ft_in1k weights (.npz, .safetensors, or a .pth state dict with timm "
@@ -672,11 +674,11 @@ def test_verify_data_flag_checks_every_pair_up_front(tmp_path, capsys):
     lbl = root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_validation_00000001.png"
     Image.fromarray(np.ones((10, 12), np.uint8)).save(lbl)  # size mismatch in a validation pair
     args = TINY_ARGS + ["--data-root", str(root), "--log-dir", str(tmp_path / "run"), "--epochs", "1"]
-    assert seg_main.main(args + ["--verify-data"]) == 2
+    assert seg_main.main(args + ["--verify-data"]) == 1
     assert "ADE_validation_00000001.png is 12x10" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before any training
     model = tiny_model()
     save_model_checkpoint(model, tmp_path / "m.pth")
     assert seg_eval.main([str(tmp_path / "m.pth"), "ade20k", "--data-root", str(root), "--num-workers", "0",
-                          "--device", "cpu", "--verify-data"]) == 2
+                          "--device", "cpu", "--verify-data"]) == 1
     assert "ADE_validation_00000001.png is 12x10" in capsys.readouterr().err

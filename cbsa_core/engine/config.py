@@ -11,6 +11,10 @@ Usage in an entry point::
 
     parser = build_parser()                       # must define --config
     args = parse_args_with_config(parser, argv, sections={"model": check_model_section})
+    setting_source(args, "seed")                  # "the command line", "--config run.yaml" or "the default"
+
+The parsed namespace remembers where each setting came from (:func:`setting_source`), so that an error about a
+setting can tell the user where to change it.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "load_config_file", "parse_args_with_config"]
+__all__ = ["ConfigError", "ParsedSettings", "load_config_file", "parse_args_with_config", "setting_source"]
 
 SectionChecker = Callable[[Any, str], Any]
 """``checker(value, where) -> value``: validates (and may normalise) one extra section; ``where`` names the
@@ -33,6 +37,42 @@ _NOT_SETTINGS = (argparse._HelpAction, argparse._VersionAction)
 
 class ConfigError(ValueError):
     """The settings are inconsistent: a bad config file, flag value, output folder or device."""
+
+
+class ParsedSettings(argparse.Namespace):
+    """An ``argparse.Namespace`` that also knows where each setting came from.
+
+    ``setting_sources`` (``{dest: "the command line" | "--config FILE"}``; settings absent from it kept their
+    default) lives in a slot, not in ``vars(args)``, so it never leaks into a run's recorded config.
+    """
+
+    __slots__ = ("setting_sources",)
+
+
+class _NotOnCommandLine(list):
+    """Placeholder put in every dest before a second parse of the command line: argparse fills in defaults only
+    where a dest is missing, so the dests still holding it were not given on the command line. A list subclass, so
+    ``action='append'`` flags can append to it."""
+
+
+def _command_line_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Optional[set]:
+    """The dests that ``argv`` sets explicitly, or None when that cannot be told (a count action, say)."""
+    probe = argparse.Namespace(**{a.dest: _NotOnCommandLine() for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    try:
+        parser.parse_args(list(argv), namespace=probe)
+    except (SystemExit, Exception):  # noqa: BLE001 -- provenance is a courtesy for messages, never fatal
+        return None
+    return {k for k, v in vars(probe).items() if not (isinstance(v, _NotOnCommandLine) and not v)}
+
+
+def setting_source(args: argparse.Namespace, dest: str) -> str:
+    """Where ``args.<dest>`` came from: ``"the command line"``, ``"--config FILE"``, ``"the default"``, or ``""``
+    when unknown (a namespace not made by :func:`parse_args_with_config`)."""
+    sources = getattr(args, "setting_sources", None)
+    if sources is None:
+        return ""
+    return sources.get(dest, "the default")
 
 
 def _yaml_key_map(parser: argparse.ArgumentParser, exclude: Iterable[str] = ()) -> Dict[str, argparse.Action]:
@@ -176,9 +216,17 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Seque
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev)
     pre.add_argument(*config_action.option_strings, dest="config", default=None)
     known, _ = pre.parse_known_args(argv)
+    from_file: Dict[str, Any] = {}
     if known.config:
         try:
-            parser.set_defaults(**load_config_file(parser, known.config, sections, exclude=exclude))
+            from_file = load_config_file(parser, known.config, sections, exclude=exclude)
         except ConfigError as e:
             parser.error(str(e))
-    return parser.parse_args(argv)
+        parser.set_defaults(**from_file)
+    args = parser.parse_args(argv, namespace=ParsedSettings())
+    sources = {dest: f"--config {known.config}" for dest in from_file}
+    on_command_line = _command_line_dests(parser, argv)
+    if on_command_line is not None:
+        sources.update({dest: "the command line" for dest in on_command_line})
+    args.setting_sources = sources
+    return args

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..atomic import deferred_signals
 from .distributed import get_rank
 
 __all__ = ["JsonlLogger", "TensorBoardLogger", "setup_logging", "to_jsonable"]
@@ -54,8 +55,9 @@ class JsonlLogger:
         if not self.enabled:
             return
         line = json.dumps(to_jsonable(record), allow_nan=True)
-        # Opening per write keeps nothing buffered across a crash; epoch-level logs make this cheap.
-        with open(self.path, "a", encoding="utf-8") as f:
+        # Opening per write keeps nothing buffered across a crash; epoch-level logs make this cheap. A signal waits
+        # for the line to be complete, so the log never ends in half a record.
+        with deferred_signals(), open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
 

@@ -2,8 +2,8 @@
 
 Release semantics (official-code.md §1.1.5–1.1.6): autocast around forward + loss only, ``GradScaler`` for fp16,
 no clipping unless asked (item 14), no gradient accumulation, evaluation in fp32 (item 16). Additions: a non-finite
-loss stops the run before the bad update, and every reported metric is summed over all ranks (the release did not
-all-reduce train top-1).
+loss stops the run before the bad update, an evaluation with non-finite outputs stops instead of scoring them
+(:mod:`.finite`), and every reported metric is summed over all ranks (the release did not all-reduce train top-1).
 """
 from __future__ import annotations
 
@@ -17,28 +17,15 @@ import torch
 import torch.nn as nn
 
 from .amp import autocast_context, check_precision
+from .finite import NonFiniteLossError, NonFiniteOutputError, count_non_finite_rows
 from .distributed import (DistInfo, all_reduce_sum, broadcast_buffers, collective_device, get_rank,
                           get_world_size, is_dist_initialized, unwrap_model)
 from .meters import MetricLogger, accuracy
 
-__all__ = ["NonFiniteLossError", "default_unpack_batch", "train_one_epoch", "evaluate_classifier"]
+__all__ = ["NonFiniteLossError", "NonFiniteOutputError", "default_unpack_batch", "train_one_epoch",
+           "evaluate_classifier"]
 
 _LOG = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; raised before backward and the optimizer step, so the parameters and optimizer
-    state are those of the last good step. (BatchNorm running statistics have seen the failing forward: resume
-    from the last checkpoint rather than saving this model.)"""
-
-    def __init__(self, epoch: int, step: int, value: float, checkpoint: str | os.PathLike | None = None) -> None:
-        self.epoch = epoch
-        self.step = step
-        self.value = value
-        self.checkpoint = checkpoint
-        kept = (f"the last good checkpoint is kept at {os.fspath(checkpoint)}" if checkpoint is not None
-                else "no checkpoint is overwritten")
-        super().__init__(f"loss is {value} at epoch {epoch}, step {step}: stopping; {kept}")
 
 
 def default_unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +59,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[tor
     grad-norm clipping (after unscaling) -> optimizer step -> ``scheduler_per_iter.step()`` if given (segmentation;
     per-epoch schedules are stepped by the caller).
 
-    ``log_fn(metrics, global_step)`` is called at each progress line (e.g. TensorBoard). ``checkpoint_path`` is
-    only quoted in the :class:`NonFiniteLossError` message.
+    ``log_fn(metrics, global_step)`` is called at each progress line (e.g. TensorBoard). ``checkpoint_path`` (the
+    run's last checkpoint) is only named in the :class:`NonFiniteLossError` message, which says whether it exists.
 
     Returns ``{"loss", "top1" (percent, or None), "lr" (of the last step), "images_per_sec" (all ranks),
     "num_images", "steps", "epoch_time"}``.
@@ -194,6 +181,9 @@ def evaluate_classifier(model: nn.Module, loader: Iterable,
     In a distributed run, ``sync_buffers`` first gives every rank rank 0's buffers (:func:`broadcast_buffers`), so
     the metric describes the weights rank 0 saves even when BatchNorm statistics drifted apart (no SyncBatchNorm
     under gloo). That is a collective: call this on every rank.
+
+    Raises :class:`NonFiniteOutputError` (on every rank: the count is summed first) when any image's logits hold a
+    NaN/inf, or when the mean loss is not finite: the argmax of NaN logits is class 0, a made-up accuracy.
     """
     precision = check_precision(precision)
     device = torch.device(device)
@@ -209,7 +199,7 @@ def evaluate_classifier(model: nn.Module, loader: Iterable,
     except TypeError:
         total = None
     progress = MetricLogger(total, header="Test", print_freq=print_freq or 10**9, enabled=main and bool(print_freq))
-    sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss_sum, n, correct@k...
+    sums = torch.zeros(3 + len(topk), dtype=torch.float64, device=device)  # loss_sum, n, non-finite, correct@k...
     for step, batch in enumerate(loader):
         images, target = unpack_batch(batch)
         images = images.to(device, non_blocking=True)
@@ -222,8 +212,9 @@ def evaluate_classifier(model: nn.Module, loader: Iterable,
         counts = accuracy(output, target, topk=topk)
         sums[0] += loss.double() * bs
         sums[1] += bs
+        sums[2] += count_non_finite_rows(output)
         for i, c in enumerate(counts):
-            sums[2 + i] += c
+            sums[3 + i] += c
         progress.update(step, bs, loss=loss)
     net.train(was_training)
 
@@ -234,6 +225,9 @@ def evaluate_classifier(model: nn.Module, loader: Iterable,
     if n == 0:
         raise ValueError("evaluate_classifier saw no images (empty validation set?)")
     result = {"loss": float(sums[0]) / n, "num_images": n}
+    bad = int(sums[2].item())
+    if bad or not math.isfinite(result["loss"]):
+        raise NonFiniteOutputError("evaluation", bad, n, loss=result["loss"])
     for i, k in enumerate(topk):
-        result[f"top{k}"] = 100.0 * float(sums[2 + i]) / n
+        result[f"top{k}"] = 100.0 * float(sums[3 + i]) / n
     return result

@@ -31,8 +31,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, DistributedSampler
 
-from ..checkpoint import CheckpointError, CheckpointMismatchError, atomic_save, load_checkpoint, make_checkpoint
+from ..checkpoint import (CheckpointError, CheckpointMismatchError, atomic_save, load_checkpoint, make_checkpoint,
+                          resolve_token_layout)
 from .distributed import DistInfo, get_rank, get_world_size, is_dist_initialized, unwrap_model
+from .finite import NonFiniteParametersError, non_finite_parameters
 
 __all__ = [
     "capture_rng_state",
@@ -125,9 +127,16 @@ def save_training_checkpoint(path: str | os.PathLike, *, model: nn.Module, arch:
     run (as the release does). ``config`` (the run's settings, e.g. a dict or argparse Namespace) is made
     weights-only-safe (paths and other objects become str). ``extra`` entries must be tensors or plain values.
     Returns the path written, or ``None`` on ranks other than 0 (no collective: call it on rank 0 only if you like).
+
+    A model holding NaN/inf is refused (:class:`~cbsa_core.engine.finite.NonFiniteParametersError`), the file at
+    ``path`` is left as it was: a non-finite model is never saved. (:func:`~cbsa_core.engine.runner.fit` checks
+    first on every rank, so that all ranks stop together.)
     """
     if is_dist_initialized() and get_rank() != 0:
         return None
+    bad = non_finite_parameters(unwrap_model(model))
+    if bad:
+        raise NonFiniteParametersError(int(epoch), bad, f"{path} was not written")
     if best_metric is not None:
         best_metric = float(best_metric)
     ckpt = make_checkpoint(
@@ -150,14 +159,17 @@ def save_training_checkpoint(path: str | os.PathLike, *, model: nn.Module, arch:
 def load_training_checkpoint(path: str | os.PathLike, *, model: nn.Module,
                              optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
                              scaler: torch.amp.GradScaler | None = None, restore_rng: bool = True,
-                             strict: bool = True) -> dict:
+                             strict: bool = True, legacy_token_layout: bool | None = None) -> dict:
     """Load a run state written by :func:`save_training_checkpoint`, or an authors' release file.
 
     Model weights go through :func:`cbsa_core.checkpoint.load_checkpoint` (strict key/shape check, ``module.``
-    stripping, legacy-layout switch for authors' files). Optimizer, scheduler and scaler states are loaded when the
-    file has them; a file without them (e.g. weights only) just loads the weights, with a log line. Returns the
-    checkpoint dict with ``epoch`` (next epoch to run; 0 when absent) and ``best_metric`` (float or None, read from
-    ``best_acc1`` in the release's files) normalised.
+    stripping, and the token layout of :func:`~cbsa_core.checkpoint.resolve_token_layout`: ``legacy_token_layout``
+    True/False overrides what the file implies, None follows the file). Optimizer, scheduler and scaler states are
+    loaded when the file has them; a file without them (e.g. weights only) just loads the weights, with a log line.
+    Returns the checkpoint dict with ``epoch`` (next epoch to run; 0 when absent) and ``best_metric`` (float or None,
+    read from ``best_acc1`` in the release's files) normalised, and ``token_layout``: ``(legacy, reason)``, the
+    layout the weights are to be run with (for models whose switch ``load_checkpoint`` cannot reach, such as the
+    converted timm ViTs).
 
     Raises :class:`CheckpointError` naming the path when the file is missing or unreadable, and
     :class:`CheckpointMismatchError` when a state does not fit.
@@ -165,7 +177,8 @@ def load_training_checkpoint(path: str | os.PathLike, *, model: nn.Module,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"resume checkpoint not found: {path}")
-    ckpt = load_checkpoint(model, path, strict=strict)
+    ckpt = load_checkpoint(model, path, strict=strict, legacy_token_layout=legacy_token_layout)
+    ckpt["token_layout"] = resolve_token_layout(ckpt, requested=legacy_token_layout)
 
     # LambdaLR restores the lambda object's own fields too (warm-up length, epochs): the resumed run keeps its
     # original schedule, unlike the release, which dropped the warm-up on resume.
