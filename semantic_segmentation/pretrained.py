@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import torch
 
+from cbsa_core.atomic import atomic_write_bytes, atomic_write_json
 from cbsa_core.checkpoint import CheckpointError, CheckpointMismatchError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,21 +48,6 @@ def inference_settings(model: "Segmenter") -> Dict[str, int]:
     return dict(im_size=int(im_size), window_size=crop, window_stride=max(crop - 32, 1))
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model: "Segmenter", out_dir: str | os.PathLike) -> Path:
     """Write ``model`` (a loaded :class:`~semantic_segmentation.model.Segmenter`, any decoder) as a pretrained
     folder and return the folder.
@@ -76,7 +61,7 @@ def save_pretrained(model: "Segmenter", out_dir: str | os.PathLike) -> Path:
 
     ``load_model(out_dir)`` rebuilds the model from these two files with identical logits.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     config = getattr(model, "model_config", None)
     if getattr(model, "arch", None) != ARCH or not isinstance(config, dict):
@@ -84,15 +69,9 @@ def save_pretrained(model: "Segmenter", out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(out_dir / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "arch": ARCH}))
+    atomic_write_bytes(out_dir / WEIGHTS_NAME, safetensors_bytes(state, metadata={"format": "pt", "arch": ARCH}))
     doc = dict(arch=ARCH, format_version=FORMAT_VERSION, **config, inference=inference_settings(model))
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-
-    _write_atomic(out_dir / CONFIG_NAME, write_json)
+    atomic_write_json(out_dir / CONFIG_NAME, doc)
     return out_dir
 
 
