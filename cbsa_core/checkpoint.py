@@ -32,7 +32,7 @@ import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Collection, Dict, Mapping, Optional, Tuple
+from typing import Any, Collection, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -406,7 +406,7 @@ def test_intermediates_and_fx_trace_match_eager():
 # FLOPs in the paper's convention, next to Table 3's CRATE-B/L
 # ------------------------------------------------------------------------------------------------
 def crate_macs(dim: int, depth: int, *, image: int = 224, patch: int = 16, classes: int = 1000) -> dict:
-    """By hand: the linear embedding N·(p²·3)·d; MSSA 2·T·d² + 2·T²·d; ISTA two d×d products; the classifier."""
+    """By hand: linear embedding N·(p²·3)·d; MSSA 2·T·d² + 2·T²·d; ISTA two d×d products; the classifier."""
     n = (image // patch) ** 2
     t = n + 1
     layers = depth * (2 * t * dim * dim + 2 * t * t * dim + 2 * t * dim * dim)

@@ -10,8 +10,8 @@
 Module and parameter names follow the release (``to_patch_embedding``, ``transformer.layers.{i}.{0,1}``,
 ``mlp_head``), so the authors' state dicts load without renaming (docs/authors-release.md §1.1.7).
 
-The original CRATE (Ma-Lab-Berkeley/CRATE ``model/crate.py``; CRATE-T/S/B/L of Table 3, the release's
-``crate.py`` / ``CRATE_small_Yu``) is the same skeleton with MSSA in every layer and CRATE's linear patch
+The original CRATE (Ma-Lab-Berkeley/CRATE ``model/crate.py``: CRATE-T/S/B/L, Table 3 compares with B/L; the
+release's ``crate.py`` / ``CRATE_small_Yu``) is the same skeleton with MSSA in every layer and CRATE's linear patch
 embedding (``patch_embed='linear'``: LayerNorm -> Linear -> LayerNorm on each flattened patch): the
 ``crate_original_*`` models. Their parameters are CRATE's up to one key name, which the loaders map
 (:func:`cbsa_core.checkpoint.map_original_crate_keys`), so CRATE's checkpoint files give CRATE's logits.
@@ -106,12 +106,12 @@ GLOBAL_POOL_TYPES = ("", "token", "avg", "max", "avgmax")
 FIRST_CONV = "to_patch_embedding.proj.0.0"     # the conv stem's first convolution
 FIRST_LINEAR = "to_patch_embedding.2"          # the linear patch embedding's Linear (timm's first_conv entry)
 CLASSIFIER = "mlp_head.1"
+_REPRESENTATIVE_ATTENTION = ("cbsa", "cbsa_dagger", "agent")   # attention types that pool a token grid
 
 
 def first_layer_name(patch_embed: str) -> str:
     """The module timm's pretrained config calls ``first_conv`` for a patch embedding type."""
     return FIRST_LINEAR if patch_embed == "linear" else FIRST_CONV
-_REPRESENTATIVE_ATTENTION = ("cbsa", "cbsa_dagger", "agent")   # attention types that pool a token grid
 
 
 def _image_size(value: Any, name: str) -> Tuple[int, int]:
