@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Parameters and GFLOPs of every registered model, next to the paper's Table 3 where it has a value.
 
-For each canonical model (``cbsa_core.list_models()`` without the authors' aliases) at one image size:
+For each canonical model (``cbsa_core.list_models()`` without the aliases) at one image size:
 
 * params: exact count of parameters (buffers such as BatchNorm statistics excluded);
 * GFLOPs (paper): ``cbsa_core.flops.analytic_flops``, the paper's convention (2 × multiply-accumulates,
