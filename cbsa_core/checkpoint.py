@@ -6,6 +6,10 @@ These on-disk layouts are recognised:
   ``arch``, ``model_config`` and ``state_dict`` (plus optional training state).
 * ``authors_classification``: the official release (official-code.md §1.1.7),
   ``{'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler'}`` with ``module.``-prefixed keys.
+  The original CRATE's ``main.py`` (Ma-Lab-Berkeley/CRATE) writes the same wrapper; its files record CRATE's
+  own arch names (``CRATE_tiny`` ... ``CRATE_large``, which clash with the release's), so for them the arch is
+  decided by the key layout (:func:`check_patch_embedding`), and its attention keys are mapped to this
+  project's (:func:`map_original_crate_keys`).
 * ``authors_segmentation``: the official Segmenter-style files (§1.3.5),
   ``{'model', 'optimizer', 'n_cls', 'lr_scheduler', 'epoch'}`` with a ``variant.yml`` beside them.
 * ``wrapped_state_dict``: another trainer's wrapper around the weights (``state_dict``, ``model`` or
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -44,6 +49,10 @@ __all__ = [
     "decide_token_layout",
     "resolve_token_layout",
     "check_arch",
+    "check_patch_embedding",
+    "patch_embedding_layout",
+    "original_crate_variant",
+    "map_original_crate_keys",
     "extract_state_dict",
     "strip_prefix",
     "make_checkpoint",
@@ -228,7 +237,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *
 
 
 # model_config entries that change what a model computes without changing its parameter shapes.
-_BEHAVIOUR_KEYS = ("attn", "rep_grid", "dim_head", "patch_size", "in_chans", "global_pool")
+_BEHAVIOUR_KEYS = ("attn", "rep_grid", "dim_head", "patch_size", "in_chans", "global_pool", "patch_embed")
 
 
 def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
@@ -247,8 +256,13 @@ def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
         raise CheckpointError(f"checkpoint {path} has format_version {ckpt['format_version']}, newer than this "
                               f"library's {FORMAT_VERSION}; upgrade cbsa_core to read it")
     model_arch, saved_arch = getattr(target, "arch", None), ckpt.get("arch")
+    state_dict = extract_state_dict(ckpt)
+    check_patch_embedding(f"checkpoint {path}", state_dict, target, saved_arch)
+    # CRATE's main.py records CRATE's own names, two of which mean other models here: its files were checked by
+    # their key layout just above, not by that string.
+    crate_file = kind == "authors_classification" and patch_embedding_layout(state_dict) == "linear"
     # Only registered names are compared: a CBT built by hand (arch "CBT") is checked by shapes and config.
-    if kind in ("cbsa", "authors_classification") and isinstance(saved_arch, str) \
+    if kind in ("cbsa", "authors_classification") and isinstance(saved_arch, str) and not crate_file \
             and canonical(model_arch) in MODEL_CONFIGS and canonical(saved_arch) != canonical(model_arch):
         raise CheckpointMismatchError(
             f"checkpoint {path} was saved from arch '{saved_arch}', but the model is '{model_arch}'")
@@ -264,6 +278,133 @@ def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
 
 def _normalise(value: Any) -> Any:
     return tuple(_normalise(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ------------------------------------------------------------------------------------------------
+# Patch-embedding layouts and the original CRATE's key names
+# ------------------------------------------------------------------------------------------------
+_LINEAR_EMBED_WEIGHT = "to_patch_embedding.2.weight"   # CRATE: Sequential(Rearrange, LN, Linear, LN)
+_CONV_EMBED_PREFIX = "to_patch_embedding.proj."       # the CBSA release's convolutional stem
+_LAYER_INDEX = re.compile(r"^transformer\.layers\.(\d+)\.")
+_CRATE_TO_OUT = re.compile(r"^(transformer\.layers\.\d+\.0\.fn\.to_out)\.0\.(weight|bias)$")
+
+
+def patch_embedding_layout(keys: Collection[str]) -> Optional[str]:
+    """The patch embedding a state dict (or its keys) was saved from: ``'linear'`` (the original CRATE's
+    LayerNorm -> Linear -> LayerNorm, keys ``to_patch_embedding.{1,2,3}.*``), ``'conv'`` (the CBSA release's
+    stem, ``to_patch_embedding.proj.*``) or None (neither, e.g. a segmentation model)."""
+    if _LINEAR_EMBED_WEIGHT in keys:
+        return "linear"
+    if any(k.startswith(_CONV_EMBED_PREFIX) for k in keys):
+        return "conv"
+    return None
+
+
+def _num_layers(keys: Collection[str]) -> int:
+    indices = {int(m.group(1)) for m in map(_LAYER_INDEX.match, keys) if m}
+    return max(indices) + 1 if indices else 0
+
+
+def original_crate_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The ``crate_original_*`` model whose width linear-embedding weights have (CRATE's four sizes have four
+    widths, 384 / 576 / 768 / 1024), or None for another layout or width."""
+    from .registry import MODEL_CONFIGS  # lazy: the registry imports this module
+
+    weight = state_dict.get(_LINEAR_EMBED_WEIGHT)
+    if weight is None or weight.dim() != 2:
+        return None
+    return next((name for name, cfg in MODEL_CONFIGS.items()
+                 if cfg.get("patch_embed") == "linear" and cfg["dim"] == int(weight.shape[0])), None)
+
+
+def check_patch_embedding(source: str, state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                          saved_arch: Any = None) -> None:
+    """Refuse weights saved with the other patch embedding, or of another ``crate_original_*`` size, with one
+    :class:`CheckpointMismatchError` that names the model the weights fit.
+
+    * original CRATE weights (linear embedding) into a conv-stem model: e.g. CRATE's own ``CRATE_tiny`` file
+      (dim 384) given as ``--arch CRATE_tiny``, which here (as in the CBSA release) is the conv-stem MSSA model
+      ``mssa_tiny`` (dim 192); the error names ``crate_original_tiny``;
+    * original CRATE weights into a registered ``crate_original_*`` model of another width;
+    * conv-stem weights into a linear-embedding model: the error names the file's recorded arch if registered.
+
+    ``source`` names the file in the message; ``saved_arch`` is the arch the file records, if any.
+    """
+    from .registry import ALIASES, MODEL_CONFIGS  # lazy: the registry imports this module
+
+    model = unwrap_model(model)
+    file_layout = patch_embedding_layout(state_dict)
+    model_layout = patch_embedding_layout(model.state_dict())
+    if file_layout is None or model_layout is None:
+        return
+    arch = getattr(model, "arch", type(model).__name__)
+    canonical = ALIASES.get(arch, arch)
+    saved = ALIASES.get(saved_arch, saved_arch) if isinstance(saved_arch, str) else None
+    if file_layout == "linear":
+        width, depth = int(state_dict[_LINEAR_EMBED_WEIGHT].shape[0]), _num_layers(state_dict)
+        fit = original_crate_variant(state_dict)
+        what = (f"{source} holds original CRATE weights (CRATE's linear patch embedding, width {width}, {depth} "
+                f"layer(s))")
+        fix = (f"they fit {fit}: load them with --arch {fit} (create_model('{fit}', pretrained=...))" if fit else
+               f"no crate_original_* model has width {width}: build one with dim={width}, depth={depth} and the heads "
+               f"it was trained with")
+        if model_layout == "conv":
+            clash = ""
+            if saved in MODEL_CONFIGS and saved != saved_arch and MODEL_CONFIGS[saved].get("patch_embed") != "linear":
+                clash = (f"; the file records CRATE's own name '{saved_arch}', which here (as in the CBSA release) "
+                         f"names the conv-stem model {saved}")
+            aliases = [a for a, c in ALIASES.items() if c == canonical and a != arch]
+            named = f"'{arch}'" + (f" ({', '.join(aliases)})" if aliases else "")
+            raise CheckpointMismatchError(f"{what}, but the model {named} has the CBSA release's convolutional "
+                                          f"stem{clash}. {fix[0].upper()}{fix[1:]}")
+        if fit is not None and canonical in MODEL_CONFIGS and canonical != fit:
+            raise CheckpointMismatchError(f"{what}, but the model is '{arch}' (width "
+                                          f"{MODEL_CONFIGS[canonical]['dim']}); {fix}")
+    elif file_layout == "conv" and model_layout == "linear":
+        if saved in MODEL_CONFIGS:
+            named = f"'{saved_arch}'" + (f" ({saved})" if saved != saved_arch else "")
+            fix = f"it was saved from arch {named}: load it with --arch {saved_arch}"
+        else:
+            fix = "load it into a conv-stem model (cbt_*, mssa_*, tssa_*, agent_*)"
+        raise CheckpointMismatchError(
+            f"{source} has the CBSA release's convolutional stem (to_patch_embedding.proj.*), but the model '{arch}' "
+            f"is an original CRATE model with CRATE's linear patch embedding; {fix}")
+
+
+def map_original_crate_keys(state_dict: Mapping[str, torch.Tensor],
+                            model: Optional[nn.Module] = None) -> "OrderedDict[str, torch.Tensor]":
+    """The one key-name mapping between the original CRATE's files and this project's models.
+
+    CRATE's attention stores its output projection in ``to_out = Sequential(Linear, Dropout)``, so its keys are
+    ``transformer.layers.{i}.0.fn.to_out.0.{weight,bias}``; this project's MSSA computes the same with a bare
+    Linear, ``...to_out.{weight,bias}``: those keys are renamed, every other key passes unchanged. CRATE drops the
+    projection altogether (``to_out = Identity``) when heads == 1 and dim_head == dim; given the ``model``, such a
+    layer's ``to_out`` gets the identity matrix and a zero bias, which computes the same.
+    """
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, value in state_dict.items():
+        match = _CRATE_TO_OUT.match(key)
+        out[f"{match.group(1)}.{match.group(2)}" if match else key] = value
+    if model is not None and patch_embedding_layout(out) == "linear":
+        _fill_identity_projections(out, unwrap_model(model))
+    return out
+
+
+def _fill_identity_projections(state_dict: "OrderedDict[str, torch.Tensor]", model: nn.Module) -> None:
+    from .layers import MSSA  # lazy: keeps the file formats importable without the layers
+
+    for i in range(_num_layers(state_dict)):
+        prefix = f"transformer.layers.{i}.0.fn."
+        qkv = state_dict.get(prefix + "qkv.weight")
+        if qkv is None or prefix + "to_out.weight" in state_dict or prefix + "to_out.bias" in state_dict:
+            continue
+        try:
+            layer = model.get_submodule(prefix[:-1])
+        except AttributeError:
+            continue
+        if isinstance(layer, MSSA) and layer.heads == 1 and layer.dim_head == layer.dim:
+            state_dict[prefix + "to_out.weight"] = torch.eye(layer.dim, dtype=qkv.dtype, device=qkv.device)
+            state_dict[prefix + "to_out.bias"] = torch.zeros(layer.dim, dtype=qkv.dtype, device=qkv.device)
 
 
 # A state-dict key that only the release's CBSA mask-transformer decoder has (its per-head step sizes).
@@ -321,26 +462,38 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
 
     * This project's files: the recorded ``arch`` and behaviour-changing config (attention type,
       representative grid, head width, patch size, input channels) must match the model's.
-    * Authors' files: the recorded ``arch`` (if any) must match and ``module.`` is stripped.
+    * Authors' files: the recorded ``arch`` (if any) must match and ``module.`` is stripped. The original CRATE's
+      files (same wrapper, CRATE's own arch names) are matched by their key layout instead
+      (:func:`check_patch_embedding`) and their key names mapped (:func:`map_original_crate_keys`).
     * The token layout follows :func:`resolve_token_layout` (``legacy_token_layout`` overrides it) and is
-      logged with its reason, on models that have the switch.
-    * Any missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError` listing them.
+      logged with its reason, on models that have the switch and a layer it applies to.
+    * Any missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError` listing them. With
+      ``strict=False`` missing and unexpected keys are allowed (and logged), but a file that shares no key
+      with the model is refused: nothing of it would load.
     """
     ckpt = read_checkpoint(path)
     kind = checkpoint_kind(ckpt)
     target = unwrap_model(model)
     check_arch(path, ckpt, kind, target)
-    state_dict = extract_state_dict(ckpt)
+    state_dict = map_original_crate_keys(extract_state_dict(ckpt), target)
     check_state_dict(target, state_dict, strict=strict, source=f"checkpoint {path}")
     if not strict:
         expected = target.state_dict()
+        if not any(k in expected for k in state_dict):
+            arch = getattr(target, "arch", type(target).__name__)
+            raise CheckpointMismatchError(
+                f"checkpoint {path} shares no key with model '{arch}': even with strict=False nothing of it would "
+                f"load. Its keys begin {', '.join(list(state_dict)[:4]) or '(none)'}; the model's begin "
+                f"{', '.join(list(expected)[:4])} (a checkpoint of another model, or one saved under a prefix?)")
         skipped = [k for k in expected if k not in state_dict] + [k for k in state_dict if k not in expected]
         if skipped:
             _LOG.warning("partial load of %s: %d key(s) missing or unexpected: %s", path, len(skipped),
                          ", ".join(skipped[:10]))
-    if hasattr(target, "set_legacy_token_layout"):
+    if hasattr(target, "set_legacy_token_layout") and getattr(target, "uses_token_layout", True):
         legacy, reason = resolve_token_layout(ckpt, kind, legacy_token_layout)
         _LOG.info("%s: %s token layout (%s)", path, "legacy" if legacy else "corrected", reason)
         target.set_legacy_token_layout(legacy)
+    elif hasattr(target, "set_legacy_token_layout"):
+        _LOG.info("%s: no layer pools representatives, so no token layout applies", path)
     target.load_state_dict(state_dict, strict=strict)
     return ckpt

@@ -1,8 +1,8 @@
-"""Model registry: the authors' names, the canonical (timm) names, and one ``create_model``.
+"""Model registry: the canonical (timm) names, their aliases (mostly the authors' names), and one ``create_model``.
 
 The models themselves are a timm model family (:mod:`cbsa_core.models.cbt`, registered on import):
 ``timm.create_model('cbt_small', pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
-``create_model(name, pretrained=PATH)`` is the same build path with the authors' names accepted and a path
+``create_model(name, pretrained=PATH)`` is the same build path with the aliases accepted and a path
 instead of the overlay; nothing downloads.
 """
 from __future__ import annotations
@@ -19,17 +19,21 @@ from .models.cbt import MODEL_CONFIGS
 
 __all__ = ["MODEL_CONFIGS", "ALIASES", "create_model", "list_models", "model_config"]
 
-# The authors' names (their --arch choices) for the same models.
+# Other names for the same models. Most are the release's --arch choices (docs/authors-release.md §1.1.3), where
+# CRATE_tiny/CRATE_small are its conv-stem MSSA models and CRATE_small_Yu is the original CRATE-S of its crate.py
+# (CRATE's own names CRATE_tiny ... CRATE_large mean the crate_original_* models and are not aliases here: two of
+# them would clash). The release has no agent-attention arch: Agent_tiny/Agent_small are this project's names,
+# after the paper's Table 4 columns Agent-T/S.
 ALIASES: Dict[str, str] = {
     "Ours_tiny": "cbt_tiny", "Ours_small": "cbt_small", "Ours_base": "cbt_base", "Ours_large": "cbt_large",
-    "CRATE_tiny": "mssa_tiny", "CRATE_small": "mssa_small",
+    "CRATE_tiny": "mssa_tiny", "CRATE_small": "mssa_small", "CRATE_small_Yu": "crate_original_small",
     "ToST_tiny": "tssa_tiny", "ToST_small": "tssa_small",
     "Agent_tiny": "agent_tiny", "Agent_small": "agent_small",
 }
 
 
 def list_models(pattern: str = "*") -> List[str]:
-    """Registered names (canonical and the authors' aliases) matching a shell-style pattern."""
+    """Registered names (canonical and the aliases) matching a shell-style pattern."""
     return sorted(n for n in list(MODEL_CONFIGS) + list(ALIASES) if fnmatch.fnmatch(n, pattern))
 
 
@@ -54,7 +58,7 @@ def create_model(name: str, *, pretrained: Optional[str | os.PathLike] = None, n
     train.py wrappers, bare state dicts, ``.safetensors``).
 
     This is ``timm.create_model(canonical_name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH), ...)``
-    with the authors' names accepted. Overrides are :class:`cbsa_core.CBT` arguments (image_size / img_size,
+    with the aliases accepted. Overrides are :class:`cbsa_core.CBT` arguments (image_size / img_size,
     patch_size, depth, rep_grid, in_chans, global_pool, drop_path_rate, ...). With pretrained weights, another
     ``num_classes`` re-initialises the classifier and another ``in_chans`` adapts the first conv, as in timm;
     every other difference is refused with the keys at fault. The token layout follows the file

@@ -13,6 +13,10 @@ it deliberately keeps every quirk of the release so that the authors' checkpoint
   ``transformer.layers.{i}.{0,1}.{norm,fn}``, ``mlp_head.{0,1}``), so ``state_dict()`` keys are the keys
   of the released checkpoints once ``module.`` is stripped.
 
+The original CRATE (Ma-Lab-Berkeley/CRATE ``model/crate.py``, which the release ships as ``crate.py`` and uses
+as arch ``CRATE_small_Yu``) is re-stated at the end from CRATE's equations: einops patchify, LN -> Linear -> LN,
+``to_out = Sequential(Linear, Dropout)`` (Identity when heads == 1 and dim_head == dim), CRATE's own size names.
+
 Nothing here imports cbsa_core.
 """
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["CBSA", "MSSA", "TSSA", "ISTA", "PreNorm", "ConvPatchEmbed", "Transformer", "VisionTransformer",
-           "ARCHS", "build", "save_authors_checkpoint", "randomize_"]
+           "ARCHS", "build", "save_authors_checkpoint", "randomize_", "CrateAttention", "CRATE", "CRATE_ARCHS",
+           "build_crate"]
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -261,3 +266,92 @@ def save_authors_checkpoint(model: nn.Module, path, *, arch: str, epoch: int, be
     state_dict = OrderedDict(("module." + k, v) for k, v in model.state_dict().items())
     torch.save({"epoch": epoch + 1, "arch": arch, "state_dict": state_dict, "best_acc1": best_acc1,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The original CRATE (Ma-Lab-Berkeley/CRATE model/crate.py; the release's crate.py)
+# ------------------------------------------------------------------------------------------------
+class CrateAttention(nn.Module):
+    """CRATE's MSSA: w = x U (no bias), softmax(w wᵀ/√p) w per head, then ``to_out = Sequential(Linear,
+    Dropout)``, or Identity when heads == 1 and dim_head == dim (no output projection at all)."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.attend = nn.Softmax(dim=-1)
+        self.qkv = nn.Linear(dim, inner_dim, bias=False)
+        project_out = not (heads == 1 and dim_head == dim)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout)) if project_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from einops import rearrange
+
+        w = rearrange(self.qkv(x), "b n (h d) -> b h n d", h=self.heads)
+        attn = self.attend(torch.matmul(w, w.transpose(-1, -2)) * self.scale)
+        return self.to_out(rearrange(torch.matmul(attn, w), "b h n d -> b n (h d)"))
+
+
+class CrateTransformer(nn.Module):
+    """CRATE's layers: z = x + MSSA(LN x); x = ISTA(LN z) (CRATE's FeedForward is the same ISTA step)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([
+            nn.ModuleList([PreNorm(dim, CrateAttention(dim, heads=heads, dim_head=dim_head)), PreNorm(dim, ISTA(dim))])
+            for _ in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = ff(attn(x) + x)
+        return x
+
+
+class CRATE(nn.Module):
+    """CRATE's classifier: einops patchify '(h p1) (w p2) -> (h w) (p1 p2 c)', LN -> Linear -> LN, [CLS] and
+    ``pos_embedding[:, :n + 1]``, the layers, then LN + Linear on [CLS] (``pool='cls'``) or on the mean of ALL
+    tokens, [CLS] included (``pool='mean'``)."""
+
+    def __init__(self, *, image_size: int, patch_size: int, num_classes: int, dim: int, depth: int, heads: int,
+                 pool: str = "cls", channels: int = 3, dim_head: int = 64) -> None:
+        super().__init__()
+        from einops.layers.torch import Rearrange
+
+        assert image_size % patch_size == 0 and pool in {"cls", "mean"}
+        num_patches = (image_size // patch_size) ** 2
+        patch_dim = channels * patch_size * patch_size
+        self.to_patch_embedding = nn.Sequential(
+            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
+            nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim), nn.LayerNorm(dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.transformer = CrateTransformer(dim, depth, heads, dim_head)
+        self.pool = pool
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.to_patch_embedding(img)
+        b, n, _ = x.shape
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        x = x + self.pos_embedding[:, :n + 1]
+        x = self.transformer(x)
+        x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
+        return self.mlp_head(x)
+
+
+# CRATE's own sizes (its main.py --arch names): name -> (dim, depth, heads), dim_head = dim // heads.
+CRATE_ARCHS: Dict[str, tuple] = {
+    "CRATE_tiny": (384, 12, 6), "CRATE_small": (576, 12, 12), "CRATE_base": (768, 12, 12),
+    "CRATE_large": (1024, 24, 16),
+}
+
+
+def build_crate(arch: str, **overrides: Any) -> CRATE:
+    """CRATE's factory (``CRATE_base()`` etc.: 224², patch 16, 1000 classes), with overrides such as depth=1."""
+    dim, depth, heads = CRATE_ARCHS[arch]
+    cfg = dict(image_size=224, patch_size=16, num_classes=1000, dim=dim, depth=depth, heads=heads,
+               dim_head=dim // heads)
+    cfg.update(overrides)
+    return CRATE(**cfg)

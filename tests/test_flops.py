@@ -174,10 +174,10 @@ def test_model_table_prints_exact_params_and_paper_gflops(tmp_path, capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()
             if line.split()[:1] in (["cbt_tiny"], ["mssa_tiny"], ["Ours_tiny"])}
     assert set(rows) == {"cbt_tiny", "mssa_tiny", "Ours_tiny"}
-    name, attn, params, gflops, measured, paper_m, _, paper_g, _ = rows["cbt_tiny"]
+    name, attn, params, gflops, layers, measured, paper_m, _, paper_g, _ = rows["cbt_tiny"]
     assert attn == "cbsa" and int(params.replace(",", "")) == 1_789_192
     assert float(gflops) == pytest.approx(1.1, rel=0.03) and float(paper_g) == 1.1 and float(paper_m) == 1.8
-    assert int(rows["mssa_tiny"][2].replace(",", "")) == 1_789_120 and rows["mssa_tiny"][5] == "-"
+    assert int(rows["mssa_tiny"][2].replace(",", "")) == 1_789_120 and rows["mssa_tiny"][6] == "-"
     assert rows["Ours_tiny"][2:] == rows["cbt_tiny"][2:]                           # alias -> the paper's CBT-T
 
     with open(csv_path, newline="") as f:
@@ -186,6 +186,8 @@ def test_model_table_prints_exact_params_and_paper_gflops(tmp_path, capsys):
         model = create_model("cbt_tiny")
     assert int(records["cbt_tiny"]["params"]) == 1_789_192
     assert float(records["cbt_tiny"]["gflops_paper_convention"]) == analytic_flops(model, 224)["total"] / 1e9
+    assert float(records["cbt_tiny"]["gflops_layers"]) == analytic_flops(model, 224)["layers"] / 1e9
+    assert float(layers) == pytest.approx(analytic_flops(model, 224)["layers"] / 1e9, abs=5e-4)
     assert float(records["cbt_tiny"]["gflops_paper_convention"]) == pytest.approx(1.1, rel=0.03)
     assert float(records["cbt_tiny"]["gflops_measured"]) == pytest.approx(float(measured), abs=5e-4)
     assert float(records["cbt_tiny"]["gflops_deviation"]) == pytest.approx(1.120939008 / 1.1 - 1)
@@ -193,6 +195,30 @@ def test_model_table_prints_exact_params_and_paper_gflops(tmp_path, capsys):
     assert records["mssa_tiny"]["paper_gflops"] == ""
     row = table.model_row("cbt_tiny", image_size=128, num_classes=10)
     assert row["paper_gflops"] is None and row["params"] == 1_789_192 - 197 * 192 + 65 * 192 - 990 * 193
+
+
+def test_model_table_shows_crate_b_l_next_to_table_3(capsys, monkeypatch):
+    """CRATE-B/L: exact parameters, the whole-model count against Table 3, and a note with the layers-only
+    deviation (the scope of the numbers the paper cites from CRATE)."""
+    table = load_script()
+    monkeypatch.setattr(table, "measured_flops", lambda *a, **k: 0.0)      # a full-size forward is not needed here
+    monkeypatch.setattr(table, "create_model", lambda name, **kw: _on_meta(name, **kw))
+    assert table.main(["--models", "crate_original_base", "crate_original_large"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("crate_original_")}
+    base, large = rows["crate_original_base"], rows["crate_original_large"]
+    assert int(base[2].replace(",", "")) == 22_796_008 and int(large[2].replace(",", "")) == 77_641_192
+    assert (base[6], base[8], large[6], large[8]) == ("22.8", "12.6", "77.6", "43.3")
+    assert float(base[3]) == pytest.approx(2 * (196 * 768 * 768 + 12 * (4 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768)
+                                                + 768_000) / 1e9, abs=5e-4)
+    layers = 2 * 12 * (4 * 197 * 768 ** 2 + 2 * 197 ** 2 * 768) / 1e9
+    assert float(base[4]) == pytest.approx(layers, abs=5e-4)
+    assert f"crate_original_base {layers:.3f} vs 12.6 ({layers / 12.6 - 1:+.1%})" in out
+
+
+def _on_meta(name, **kw):
+    with torch.device("meta"):
+        return create_model(name, **kw)
 
 
 def test_model_table_defaults_and_errors(capsys):

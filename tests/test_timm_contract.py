@@ -16,7 +16,7 @@ from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
 import cbsa_core  # noqa: F401  (registers the CBT family with timm)
 from cbsa_core import CBSA, ISTA, save_model_checkpoint
-from cbsa_core.models.cbt import CLASSIFIER, FIRST_CONV, MODEL_CONFIGS, RELEASE_WEIGHTS
+from cbsa_core.models.cbt import CLASSIFIER, CRATE_RELEASED_WEIGHTS, FIRST_CONV, MODEL_CONFIGS, RELEASE_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +49,8 @@ def layer_outputs(model, img):
 def test_family_is_one_timm_module_with_release_tags_and_no_downloadable_weights():
     assert timm.list_models(module="cbt") == sorted(MODEL_CONFIGS)
     tagged = {n for n in timm.list_models(module="cbt", include_tags=True) if "." in n}
-    assert tagged == {f"{n}.authors_in1k" for n in RELEASE_WEIGHTS}
+    assert tagged == ({f"{n}.authors_in1k" for n in RELEASE_WEIGHTS}
+                      | {f"{n}.crate_in1k" for n in CRATE_RELEASED_WEIGHTS})
     assert not set(timm.list_models(pretrained=True)) & set(timm.list_models(module="cbt", include_tags=True))
     for name in MODEL_CONFIGS:
         cfg = timm.models.get_pretrained_cfg(name).to_dict()

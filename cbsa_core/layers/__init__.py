@@ -5,7 +5,7 @@ from .cbsa import CBSA, adaptive_pool_tokens, check_token_layout
 from .ista import ISTA
 from .linear_attention import LinearAttention
 from .mssa import MSSA
-from .patch_embed import ConvPatchEmbed
+from .patch_embed import ConvPatchEmbed, LinearPatchEmbed
 from .pos_embed import resample_pos_embed
 from .tssa import TSSA
 

@@ -1,6 +1,6 @@
-"""Coding-rate Based Transformer (CBT) and its same-framework baselines, as a timm model family.
+"""Coding-rate Based Transformer (CBT), its same-framework baselines and the original CRATE, as a timm model family.
 
-    x = ConvPatchEmbed(img)                     (B, N, d)
+    x = PatchEmbed(img)                         (B, N, d): the release's conv stem, or CRATE's linear embedding
     x = [cls, x] + pos                          (B, 1 + N, d)
     for each layer:
         z = x + DropPath(Attn(LN(x)))           pre-norm residual around attention
@@ -9,6 +9,14 @@
 
 Module and parameter names follow the release (``to_patch_embedding``, ``transformer.layers.{i}.{0,1}``,
 ``mlp_head``), so the authors' state dicts load without renaming (docs/authors-release.md §1.1.7).
+
+The original CRATE (Ma-Lab-Berkeley/CRATE ``model/crate.py``: CRATE-T/S/B/L, Table 3 compares with B/L; the
+release's ``crate.py`` / ``CRATE_small_Yu``) is the same skeleton with MSSA in every layer and CRATE's linear patch
+embedding (``patch_embed='linear'``: LayerNorm -> Linear -> LayerNorm on each flattened patch): the
+``crate_original_*`` models. Their parameters are CRATE's up to one key name, which the loaders map
+(:func:`cbsa_core.checkpoint.map_original_crate_keys`), so CRATE's checkpoint files give CRATE's logits.
+Their initialisation is CRATE's, which is the release's (randn position embedding and [CLS], kaiming-uniform
+ISTA dictionary, PyTorch's default Linear/LayerNorm).
 
 This module is the family's timm module (``timm.list_models(module='cbt')``): importing it registers every
 name in :data:`MODEL_CONFIGS` with pretrained configs built by ``generate_default_cfgs``, and the
@@ -46,13 +54,16 @@ from timm.models import (build_model_with_cfg, clean_state_dict, generate_defaul
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_args, update_model_input_size
 
-from ..checkpoint import (check_arch, check_state_dict, checkpoint_kind, extract_state_dict, read_checkpoint,
+from ..checkpoint import (CheckpointMismatchError, check_arch, check_patch_embedding, check_state_dict,
+                          checkpoint_kind, extract_state_dict, map_original_crate_keys, read_checkpoint,
                           resolve_token_layout)
 from ..layers import ATTENTION_TYPES, CBSA, ISTA, build_attention, resample_pos_embed
-from ..layers.patch_embed import ConvPatchEmbed, check_patch_size
+from ..layers.patch_embed import (PATCH_EMBED_TYPES, ConvPatchEmbed, LinearPatchEmbed, check_linear_patch_size,
+                                  check_patch_size)
 
-__all__ = ["PreNorm", "Transformer", "CBT", "MODEL_CONFIGS", "RELEASE_WEIGHTS", "GLOBAL_POOL_TYPES",
-           "FIRST_CONV", "CLASSIFIER", "checkpoint_filter_fn", "min_input_size"]
+__all__ = ["PreNorm", "Transformer", "CBT", "MODEL_CONFIGS", "RELEASE_WEIGHTS", "CRATE_RELEASED_WEIGHTS",
+           "GLOBAL_POOL_TYPES", "FIRST_CONV", "FIRST_LINEAR", "CLASSIFIER", "checkpoint_filter_fn", "min_input_size",
+           "first_layer_name"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -78,15 +89,29 @@ MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
     "agent_small": dict(_S, attn="agent"),
     # Hybrid used for emergent segmentation (paper §5.8): MSSA in layers 1-6, CBSA in layers 7-12.
     "crate_cbt_small": dict(_S, attn=["mssa"] * 6 + ["cbsa"] * 6),
+    # The original CRATE (Ma-Lab-Berkeley/CRATE model/crate.py, CRATE's own sizes: CRATE_tiny there is dim 384),
+    # dim_head = dim / heads. Table 3 compares CBT with CRATE-B/L.
+    "crate_original_tiny": dict(dim=384, depth=12, heads=6, dim_head=64, attn="mssa", patch_embed="linear"),
+    "crate_original_small": dict(dim=576, depth=12, heads=12, dim_head=48, attn="mssa", patch_embed="linear"),
+    "crate_original_base": dict(dim=768, depth=12, heads=12, dim_head=64, attn="mssa", patch_embed="linear"),
+    "crate_original_large": dict(dim=1024, depth=24, heads=16, dim_head=64, attn="mssa", patch_embed="linear"),
 }
 
 # The models of the release's model zoo (README): ImageNet-1K weights on Google Drive, fetched by the user.
 RELEASE_WEIGHTS = ("cbt_tiny", "cbt_small", "cbt_base", "cbt_large")
+# CRATE's README releases ImageNet-1K weights for CRATE-S only (Google Drive); T, B and L are marked TODO.
+CRATE_RELEASED_WEIGHTS = ("crate_original_small",)
 
 GLOBAL_POOL_TYPES = ("", "token", "avg", "max", "avgmax")
-FIRST_CONV = "to_patch_embedding.proj.0.0"
+FIRST_CONV = "to_patch_embedding.proj.0.0"     # the conv stem's first convolution
+FIRST_LINEAR = "to_patch_embedding.2"          # the linear patch embedding's Linear (timm's first_conv entry)
 CLASSIFIER = "mlp_head.1"
 _REPRESENTATIVE_ATTENTION = ("cbsa", "cbsa_dagger", "agent")   # attention types that pool a token grid
+
+
+def first_layer_name(patch_embed: str) -> str:
+    """The module timm's pretrained config calls ``first_conv`` for a patch embedding type."""
+    return FIRST_LINEAR if patch_embed == "linear" else FIRST_CONV
 
 
 def _image_size(value: Any, name: str) -> Tuple[int, int]:
@@ -172,7 +197,10 @@ class CBT(nn.Module):
     Args:
         img_size: training resolution, an int or (H, W); it sets the stored position-embedding grid.
             ``image_size`` is the release's name for it (accepted too; both must agree when both are given).
-        patch_size: a power of two >= 4 (log2 stride-2 conv stages).
+        patch_size: a power of two >= 4 (log2 stride-2 conv stages) for the conv stem, any positive int for the
+            linear embedding.
+        patch_embed: 'conv' (the release's convolutional stem, default) or 'linear' (CRATE's LayerNorm -> Linear ->
+            LayerNorm on each flattened patch).
         in_chans, num_classes: input channels; classes (0: no classifier, ``forward`` returns features).
         global_pool: '' (all tokens), 'token' ([CLS], as released), 'avg', 'max' or 'avgmax' over patch tokens.
         dim, depth, heads, dim_head: width, layers, heads, head width (default ``dim // heads``).
@@ -189,10 +217,12 @@ class CBT(nn.Module):
                  num_classes: int = 1000, global_pool: str = "token", dim: int = 384, depth: int = 12,
                  heads: int = 6, dim_head: Optional[int] = None, attn: Union[str, Sequence[str]] = "cbsa",
                  rep_grid: Sequence[int] = (8, 8), legacy_token_layout: Optional[bool] = None,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = True) -> None:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = True,
+                 patch_embed: str = "conv") -> None:
         super().__init__()
         size = self._check_config(img_size, image_size, patch_size, in_chans, num_classes, global_pool, dim, depth,
-                                  heads, dim_head, attn, rep_grid, drop_rate, drop_path_rate, dynamic_img_size)
+                                  heads, dim_head, attn, rep_grid, drop_rate, drop_path_rate, dynamic_img_size,
+                                  patch_embed)
         dim_head = dim // heads if dim_head is None else dim_head
         attn_list = [attn] * depth if isinstance(attn, str) else list(attn)
         rep_grid = tuple(int(r) for r in rep_grid)
@@ -201,7 +231,7 @@ class CBT(nn.Module):
             image_size=size[0] if size[0] == size[1] else size, patch_size=patch_size, num_classes=num_classes,
             dim=dim, depth=depth, heads=heads, dim_head=dim_head, in_chans=in_chans,
             attn=attn if isinstance(attn, str) else attn_list, rep_grid=rep_grid, legacy_token_layout=legacy,
-            global_pool=global_pool, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            global_pool=global_pool, drop_rate=drop_rate, drop_path_rate=drop_path_rate, patch_embed=patch_embed,
         )
         self.arch = "CBT"
         # The explicit layout request (None: none); pretrained loading lets it win over the file's record.
@@ -216,7 +246,9 @@ class CBT(nn.Module):
         self.dynamic_img_size = True
         self.base_grid = (size[0] // patch_size, size[1] // patch_size)
 
-        self.to_patch_embedding = ConvPatchEmbed(patch_size, in_chans, dim)
+        self.patch_embed_type = patch_embed
+        embed_cls = LinearPatchEmbed if patch_embed == "linear" else ConvPatchEmbed
+        self.to_patch_embedding = embed_cls(patch_size, in_chans, dim)
         # randn init (std 1), as released (item 11).
         self.pos_embedding = nn.Parameter(torch.randn(1, self.base_grid[0] * self.base_grid[1] + 1, dim))
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
@@ -231,7 +263,8 @@ class CBT(nn.Module):
 
     @staticmethod
     def _check_config(img_size, image_size, patch_size, in_chans, num_classes, global_pool, dim, depth, heads,
-                      dim_head, attn, rep_grid, drop_rate, drop_path_rate, dynamic_img_size) -> Tuple[int, int]:
+                      dim_head, attn, rep_grid, drop_rate, drop_path_rate, dynamic_img_size,
+                      patch_embed="conv") -> Tuple[int, int]:
         """Refuse impossible configurations, naming the argument and what would fit. Returns (H, W)."""
         size = _image_size(img_size, "img_size") if img_size is not None else None
         size_arg = "img_size"
@@ -246,6 +279,10 @@ class CBT(nn.Module):
             raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
         if not isinstance(in_chans, int) or in_chans <= 0:
             raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        if patch_embed not in PATCH_EMBED_TYPES:
+            raise ValueError(f"patch_embed must be one of {PATCH_EMBED_TYPES}, got {patch_embed!r}")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}")
         if not isinstance(heads, int) or heads < 1:
@@ -254,7 +291,10 @@ class CBT(nn.Module):
             raise ValueError(f"dim_head must be an int >= 1 (or None for dim // heads), got {dim_head!r}")
         if dim_head is None and (dim < heads or dim % heads):
             raise ValueError(f"dim={dim} does not divide into heads={heads}; pass dim_head explicitly")
-        check_patch_size(patch_size, dim, dim_arg="dim")
+        if patch_embed == "linear":
+            check_linear_patch_size(patch_size)
+        else:
+            check_patch_size(patch_size, dim, dim_arg="dim")
         if size[0] % patch_size or size[1] % patch_size:
             raise ValueError(f"{size_arg} {shown} does not divide by patch_size {patch_size}; use a multiple of "
                              f"{patch_size} (e.g. {max(patch_size, size[0] // patch_size * patch_size)})")
@@ -300,6 +340,12 @@ class CBT(nn.Module):
     def attention_layers(self) -> List[nn.Module]:
         return [layer[0].fn for layer in self.transformer.layers]
 
+    @property
+    def uses_token_layout(self) -> bool:
+        """Whether any layer pools a token grid to representatives, the only computation the token layout
+        changes; for a model without such layers (MSSA/TSSA, the original CRATE) the layout does not apply."""
+        return any(isinstance(m, CBSA) for m in self.modules())
+
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         return {"pos_embedding", "cls_token"}
@@ -338,18 +384,19 @@ class CBT(nn.Module):
     def set_input_size(self, img_size: Union[int, Sequence[int], None] = None,
                        patch_size: Optional[int] = None) -> None:
         """Make ``img_size`` the stored resolution: the position embedding is resampled to its grid once
-        (inputs of any other size are still resampled on the fly). The conv stem fixes the patch size."""
+        (inputs of any other size are still resampled on the fly). The patch embedding fixes the patch size."""
         if patch_size is not None and int(patch_size if isinstance(patch_size, int) else patch_size[0]) != \
                 self.patch_size:
-            raise ValueError(f"patch_size {patch_size!r}: CBT's conv stem is built for patch_size {self.patch_size}; "
-                             f"another patch size needs another model")
+            embed = "conv stem" if self.patch_embed_type == "conv" else "linear patch embedding"
+            raise ValueError(f"patch_size {patch_size!r}: this model's {embed} is built for patch_size "
+                             f"{self.patch_size}; another patch size needs another model")
         if img_size is None:
             return
         size = _image_size(img_size, "img_size")
         cfg = dict(self.model_config)
         self._check_config(size, None, self.patch_size, self.in_chans, self.num_classes, self.global_pool,
                            self.embed_dim, len(self.transformer.layers), cfg["heads"], cfg["dim_head"], cfg["attn"],
-                           cfg["rep_grid"], cfg["drop_rate"], cfg["drop_path_rate"], True)
+                           cfg["rep_grid"], cfg["drop_rate"], cfg["drop_path_rate"], True, self.patch_embed_type)
         grid = (size[0] // self.patch_size, size[1] // self.patch_size)
         if grid != self.base_grid:
             with torch.no_grad():
@@ -481,9 +528,10 @@ class CBT(nn.Module):
     def load_pretrained(self, checkpoint_path: Union[str, os.PathLike], prefix: str = "") -> None:
         """Load a local weights file as pretrained weights (timm's ``custom_load`` hook, ``prefix`` unused).
 
-        Any format :func:`cbsa_core.checkpoint.read_checkpoint` reads; the file's own wrapper decides the token
-        layout unless ``legacy_token_layout`` was given to the constructor. As in timm, a classifier with another
-        number of classes is left freshly initialised and a first conv of another ``in_chans`` is adapted.
+        Any format :func:`cbsa_core.checkpoint.read_checkpoint` reads (CRATE's own files too, for the
+        ``crate_original_*`` models); the file's own wrapper decides the token layout unless ``legacy_token_layout``
+        was given to the constructor. As in timm, a classifier with another number of classes is left freshly
+        initialised and a first conv of another ``in_chans`` is adapted (the linear patch embedding cannot be).
         """
         ckpt = read_checkpoint(checkpoint_path)
         kind = checkpoint_kind(ckpt)
@@ -494,6 +542,7 @@ class CBT(nn.Module):
         head, first = state_dict.get(CLASSIFIER + ".weight"), state_dict.get(FIRST_CONV + ".weight")
         # The file's own class and channel counts (not the registry cfg's): timm adapts what differs from them.
         cfg["num_classes"] = int(head.shape[0]) if head is not None else 0
+        cfg["first_conv"] = first_layer_name(self.patch_embed_type)
         if first is not None and first.dim() == 4:
             cfg["input_size"] = (int(first.shape[1]), *tuple(cfg.get("input_size", (3, 224, 224)))[1:])
         filter_fn = partial(checkpoint_filter_fn, checkpoint=ckpt, source=f"pretrained weights {checkpoint_path}")
@@ -529,8 +578,12 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CBT,
 
     * the token layout: :func:`cbsa_core.checkpoint.resolve_token_layout` on ``checkpoint`` (the whole file as
       read, wrapper included, when the caller has it; else the bare weights, which record nothing), with the
-      constructor's ``legacy_token_layout`` as the explicit override; logged with its reason;
-    * ``module.`` / ``_orig_mod.`` prefixes are removed;
+      constructor's ``legacy_token_layout`` as the explicit override; logged with its reason (models without
+      representatives have no layout to set);
+    * ``module.`` / ``_orig_mod.`` prefixes are removed; CRATE's key names become this project's
+      (:func:`cbsa_core.checkpoint.map_original_crate_keys`), and weights of the other patch embedding (conv stem
+      vs CRATE's linear one) are refused naming the model they fit
+      (:func:`cbsa_core.checkpoint.check_patch_embedding`);
     * a position embedding of another grid is resampled to the model's (bicubic, as at run time);
     * every other key and shape must match (:class:`~cbsa_core.checkpoint.CheckpointMismatchError` lists all
       differences), except what timm adapts next: a classifier of another class count, a first conv of
@@ -540,10 +593,15 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CBT,
         cfg = getattr(model, "pretrained_cfg", None) or {}
         source = f"pretrained weights {cfg.get('file') or cfg.get('hf_hub_id') or ''}".rstrip()
     state_dict = clean_state_dict(dict(state_dict))
-    legacy, reason = resolve_token_layout(checkpoint if checkpoint is not None else state_dict, None,
-                                          getattr(model, "requested_legacy_token_layout", None))
-    _LOG.info("%s: %s token layout (%s)", source, "legacy" if legacy else "corrected", reason)
-    model.set_legacy_token_layout(legacy)
+    check_patch_embedding(source, state_dict, model, (checkpoint or {}).get("arch"))
+    state_dict = map_original_crate_keys(state_dict, model)
+    if model.uses_token_layout:
+        legacy, reason = resolve_token_layout(checkpoint if checkpoint is not None else state_dict, None,
+                                              getattr(model, "requested_legacy_token_layout", None))
+        _LOG.info("%s: %s token layout (%s)", source, "legacy" if legacy else "corrected", reason)
+        model.set_legacy_token_layout(legacy)
+    else:
+        _LOG.info("%s: no layer pools representatives, so no token layout applies", source)
 
     pos = state_dict.get("pos_embedding")
     if pos is not None and pos.dim() == 3 and pos.shape != model.pos_embedding.shape \
@@ -559,12 +617,32 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CBT,
     head = state_dict.get(CLASSIFIER + ".weight")
     if (int(head.shape[0]) if head is not None else 0) != model.num_classes:
         adapted |= {CLASSIFIER + ".weight", CLASSIFIER + ".bias"}
+    if model.patch_embed_type == "linear":
+        _check_linear_embedding_inputs(state_dict, model, source)
     first, want = state_dict.get(FIRST_CONV + ".weight"), expected.get(FIRST_CONV + ".weight")
     if first is not None and want is not None and first.dim() == 4 and first.shape[1] != want.shape[1] \
             and (first.shape[0],) + tuple(first.shape[2:]) == (want.shape[0],) + tuple(want.shape[2:]):
         adapted.add(FIRST_CONV + ".weight")
     check_state_dict(model, state_dict, source=source, ignore=adapted)
     return state_dict
+
+
+def _check_linear_embedding_inputs(state_dict: Mapping[str, torch.Tensor], model: CBT, source: str) -> None:
+    """Refuse linear-embedding weights for another patch size or channel count with the fix, rather than a shape
+    list: unlike a conv stem's first convolution, the (p1 p2 c)-ordered LayerNorm and Linear are not adapted."""
+    norm = state_dict.get("to_patch_embedding.1.weight")
+    embed = model.to_patch_embedding
+    if norm is None or norm.dim() != 1 or int(norm.shape[0]) == embed.patch_dim:
+        return
+    n = int(norm.shape[0])
+    p2 = embed.patch_size ** 2
+    channels = f"{n // p2} input channels" if n % p2 == 0 else "another patch size"
+    raise CheckpointMismatchError(
+        f"{source} has a linear patch embedding over {n} = p·p·C patch values, the model "
+        f"'{getattr(model, 'arch', 'CBT')}' over {embed.patch_dim} (patch_size {embed.patch_size}, in_chans "
+        f"{embed.in_chans}); at patch_size {embed.patch_size} the weights would need {channels}. The linear "
+        f"embedding cannot be adapted to another patch size or channel count: build the model with the weights' "
+        f"patch_size and in_chans")
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -590,11 +668,29 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
+# The original CRATE's metadata; its evaluation is the same torchvision pipeline (CRATE's main.py: Resize(256),
+# CenterCrop(224), ImageNet mean/std, bilinear), which _cfg already describes.
+_CRATE_META = dict(
+    first_conv=FIRST_LINEAR,
+    paper_ids="arXiv:2306.01129",
+    paper_name="White-Box Transformers via Sparse Rate Reduction",
+    origin_url="https://github.com/Ma-Lab-Berkeley/CRATE",
+)
+
+
 def _default_cfgs() -> Dict[str, Dict[str, Any]]:
     cfgs = {}
     for name, config in MODEL_CONFIGS.items():
         minimum = min_input_size(config)
-        if name in RELEASE_WEIGHTS:
+        if config.get("patch_embed") == "linear":
+            if name in CRATE_RELEASED_WEIGHTS:
+                cfgs[f"{name}.crate_in1k"] = _cfg(
+                    min_input_size=minimum, **_CRATE_META,
+                    notes=("CRATE's ImageNet-1K CRATE-S checkpoint (Google Drive link in CRATE's README); nothing "
+                           "downloads: fetch it and pass pretrained_cfg_overlay=dict(file=PATH).",))
+            else:
+                cfgs[name] = _cfg(min_input_size=minimum, **_CRATE_META)
+        elif name in RELEASE_WEIGHTS:
             cfgs[f"{name}.authors_in1k"] = _cfg(
                 min_input_size=minimum,
                 notes=("The release's ImageNet-1K checkpoint (Google Drive link in its README model zoo); nothing "
@@ -719,3 +815,28 @@ def agent_small(pretrained: bool = False, **kwargs: Any) -> CBT:
 def crate_cbt_small(pretrained: bool = False, **kwargs: Any) -> CBT:
     """MSSA in layers 1-6 and CBSA in layers 7-12, dim 384 (emergent segmentation, paper §5.8)."""
     return _create_cbt("crate_cbt_small", pretrained, **kwargs)
+
+
+@register_model
+def crate_original_tiny(pretrained: bool = False, **kwargs: Any) -> CBT:
+    """The original CRATE-T (CRATE's ``CRATE_tiny``): linear patch embedding, MSSA, dim 384, 12 layers, 6 heads."""
+    return _create_cbt("crate_original_tiny", pretrained, **kwargs)
+
+
+@register_model
+def crate_original_small(pretrained: bool = False, **kwargs: Any) -> CBT:
+    """The original CRATE-S (CRATE's ``CRATE_small``, the release's ``CRATE_small_Yu``): dim 576, 12 layers,
+    12 heads of width 48."""
+    return _create_cbt("crate_original_small", pretrained, **kwargs)
+
+
+@register_model
+def crate_original_base(pretrained: bool = False, **kwargs: Any) -> CBT:
+    """The original CRATE-B (CRATE's ``CRATE_base``, Table 3): dim 768, 12 layers, 12 heads."""
+    return _create_cbt("crate_original_base", pretrained, **kwargs)
+
+
+@register_model
+def crate_original_large(pretrained: bool = False, **kwargs: Any) -> CBT:
+    """The original CRATE-L (CRATE's ``CRATE_large``, Table 3): dim 1024, 24 layers, 16 heads."""
+    return _create_cbt("crate_original_large", pretrained, **kwargs)
