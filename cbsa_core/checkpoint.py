@@ -29,7 +29,6 @@ import argparse
 import logging
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Collection, Mapping, Optional, Tuple
