@@ -226,6 +226,14 @@ def test_bare_state_dicts_need_the_arch_and_its_settings(tmp_path, capsys):
         card = _card(out)
         assert "records no provenance" in card and "No reported number for this configuration" in card
 
+    # timm's train.py wrapper names the registered model in its args: no --arch needed
+    timm_file = _write_timm_train_checkpoint(model, tmp_path / "timm_run")
+    out = tmp_path / "from_timm_train"
+    code, _, err = _run(["--checkpoint", timm_file, *TINY_FLAGS, "--out", out], capsys)
+    assert code == 0, err
+    rebuilt = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert torch.equal(_logits(rebuilt, shape), _logits(model, shape))
+
     # release weights saved bare: the explicit flag records the legacy layout
     legacy = _tiny_cbt(seed=9)
     legacy.set_legacy_token_layout(True)
@@ -238,6 +246,21 @@ def test_bare_state_dicts_need_the_arch_and_its_settings(tmp_path, capsys):
     assert torch.equal(_logits(rebuilt, shape), _logits(legacy, shape))
     assert (_logits(rebuilt, shape) - _logits(model, shape)).abs().max() > 1e-4
     assert "requested explicitly" in _card(out)
+
+
+def _write_timm_train_checkpoint(model, folder: Path) -> Path:
+    """timm's own train.py writer (CheckpointSaver): {'epoch', 'arch' (the class name), 'state_dict', 'optimizer',
+    'version', 'args' (an argparse.Namespace whose .model is the registered name), 'metric', 'saver'}."""
+    import argparse
+
+    from timm.utils import CheckpointSaver
+
+    folder.mkdir(parents=True, exist_ok=True)
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            args=argparse.Namespace(model="cbt_tiny", lr=0.1), checkpoint_dir=str(folder),
+                            recovery_dir=str(folder))
+    saver.save_checkpoint(epoch=3, metric=50.0)
+    return folder / "last.pth.tar"
 
 
 def test_a_model_arg_that_config_json_loses_is_caught_by_the_verification(tmp_path, capsys, monkeypatch):
@@ -287,6 +310,18 @@ def test_cbt_segmentation_release_file_exports_to_a_load_model_folder(tmp_path, 
     assert "No reported number for this configuration" in card     # a test-sized encoder, not a released one
     assert "semantic_segmentation.flops.decoder_flops" in card and "load_model('/path/to/this/folder')" in card
     assert "The weights come from the CBSA authors" in card
+
+    # this project's segmentation checkpoint, and the exported folder itself, export the same model
+    own = save_model_checkpoint(source, tmp_path / "own_seg.pth.tar", epoch=3, best_metric=41.25)
+    for given, name in ((own, "from_own"), (out, "from_folder")):
+        code, _, err = _run(["--checkpoint", given, "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        assert _config(tmp_path / name) == config
+        with torch.no_grad():
+            assert torch.equal(load_model(tmp_path / name)(x), got)
+    card = _card(tmp_path / "from_own")
+    assert "No reported number: these weights were trained with this project" in card
+    assert "best validation mIoU of 41.25" in card and "recorded by the run" in card
 
     # segmentation files give their own model: --set / --arch / --legacy-token-layout are usage errors
     for flags in (["--set", "n_cls=3"], ["--arch", "cbt_tiny"], ["--legacy-token-layout"]):
