@@ -33,8 +33,9 @@ front matter) gives the architecture, the source file and its SHA-256, parameter
 the token layout and why, the evaluation preprocessing, the numbers the papers report for release files (named
 with their source, and marked as reported, not measured here), the license and how to load it.
 
-Exit status: 0 exported; 1 refused (unreadable or unfit weights, DIR not empty without --overwrite, the
-reloaded folder's logits differ); 2 usage error (bad flags, missing file, unknown arch).
+Exit status: 0 exported; 1 bad input or refused (a missing or unreadable file, an unknown arch, weights that fit
+no arch as built, DIR not empty without --overwrite, the reloaded folder's logits differ); 2 usage error (bad or
+conflicting flags, e.g. a bare state dict without --arch, --set for a file that records its config).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, chec
 from cbsa_core.flops import PAPER_CLASSIFICATION, analytic_flops, count_parameters, measured_flops
 from cbsa_core.registry import ALIASES
 
-__all__ = ["main", "export", "ExportResult", "UsageError", "Refusal", "TOLERANCE", "VERIFY_SEED",
+__all__ = ["main", "export", "ExportResult", "UsageError", "BadInput", "Refusal", "TOLERANCE", "VERIFY_SEED",
            "CLASSIFICATION_REPORTED", "SEGMENTATION_REPORTED", "classification_reported", "segmentation_reported",
            "exportable_archs"]
 
@@ -85,7 +86,11 @@ TOKEN_LAYOUT_WHY = ("the release's CBSA pools `tokens[:, :-1]` (it assumes [CLS]
 
 
 class UsageError(Exception):
-    """Bad flags or a path that is not there: exit status 2."""
+    """Flags that do not go together, or a flag this file needs: exit status 2."""
+
+
+class BadInput(Exception):
+    """A checkpoint that is not there, or an arch name nothing registers: exit status 1."""
 
 
 class Refusal(Exception):
@@ -180,7 +185,7 @@ def _canonical_arch(name: str, what: str) -> str:
     canonical = ALIASES.get(name, name)
     if not timm.is_model(canonical) or not model_entrypoint(canonical).__module__.startswith("cbsa_core"):
         aliases = ", ".join(sorted(ALIASES))
-        raise UsageError(f"{what}: unknown arch {name!r}; exportable: {', '.join(exportable_archs())} (or the "
+        raise BadInput(f"{what}: unknown arch {name!r}; exportable: {', '.join(exportable_archs())} (or the "
                          f"authors' names {aliases}). Adaptation-track ViTs (finetune_vit) have no timm entrypoint of "
                          f"their own and are not exported here")
     return canonical
@@ -204,7 +209,7 @@ def _timm_train_model_name(ckpt: Mapping[str, Any]) -> Optional[str]:
 def detect_source(path: Path, arch: Optional[str]) -> Source:
     """Classify ``--checkpoint``: the task, the file kind and (classification) the canonical arch."""
     if not path.exists():
-        raise UsageError(f"--checkpoint {path}: no such file or folder")
+        raise BadInput(f"--checkpoint {path}: no such file or folder")
     if path.is_dir():
         return _detect_folder(path, arch)
     ckpt = read_checkpoint(path)
@@ -241,7 +246,7 @@ def detect_source(path: Path, arch: Optional[str]) -> Source:
 def _detect_folder(path: Path, arch: Optional[str]) -> Source:
     config_path = path / HUB_CONFIG
     if not config_path.is_file():
-        raise UsageError(f"--checkpoint {path} is a folder without {HUB_CONFIG}; give a checkpoint file or a folder "
+        raise BadInput(f"--checkpoint {path} is a folder without {HUB_CONFIG}; give a checkpoint file or a folder "
                          f"this script (or save_pretrained / save_for_hf) wrote")
     try:
         doc = json.loads(config_path.read_text())
@@ -852,8 +857,9 @@ def _publish(staging: Path, out: Path) -> List[str]:
 
 def export(checkpoint: Path, out: Path, *, arch: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
            legacy_token_layout: Optional[bool] = None, overwrite: bool = False) -> ExportResult:
-    """Export ``checkpoint`` to ``out`` (see the module docstring). Raises :class:`UsageError` / :class:`Refusal`
-    with one message naming the file or flag at fault."""
+    """Export ``checkpoint`` to ``out`` (see the module docstring). Raises :class:`UsageError`, :class:`BadInput`
+    or :class:`Refusal` (or :class:`~cbsa_core.checkpoint.CheckpointError` for an unreadable file) with one message
+    naming the file or flag at fault."""
     out = Path(out)
     _check_out_dir(out, overwrite)
     source = detect_source(Path(checkpoint), arch)
@@ -880,7 +886,7 @@ def export(checkpoint: Path, out: Path, *, arch: Optional[str] = None, overrides
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     summary, _, details = (__doc__ or "").partition("\n\n")
-    p = argparse.ArgumentParser(prog="export_pretrained.py", description=summary, epilog=details,
+    p = argparse.ArgumentParser(prog="export_pretrained.py", description=summary, epilog=details, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="F",
                    help="the weights: this project's checkpoint, the authors' release file, a timm train.py "
@@ -919,6 +925,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except BadInput as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     except (Refusal, CheckpointError) as e:
         print(f"{prog}: {e}" if str(e).startswith("refused") else f"{prog}: refused: {e}", file=sys.stderr)
         return 1
