@@ -404,9 +404,12 @@ def _preprocessing(model: nn.Module, pretrained_cfg: Mapping[str, Any], source: 
     return pre
 
 
-def _pretrained_cfg_for_export(export: nn.Module, source: Source, pre: Preprocessing,
+def _pretrained_cfg_for_export(export: nn.Module, source_cfg: Mapping[str, Any], source: Source, pre: Preprocessing,
                                min_size: Optional[Tuple[int, ...]], default_config: bool) -> Dict[str, Any]:
-    cfg = dict(export.pretrained_cfg)
+    """The exported pretrained config: the arch's (a hub folder's own, when re-exporting one) with the evaluation
+    preprocessing, the minimum input of this configuration, and a note naming the source file."""
+    folder = source.kind == "hub_folder"
+    cfg = dict(source_cfg if folder else export.pretrained_cfg)
     release = source.kind == "authors_classification"
     cfg.update(input_size=pre.input_size, crop_pct=pre.crop_pct, interpolation=pre.interpolation,
                mean=pre.mean, std=pre.std)
@@ -416,10 +419,11 @@ def _pretrained_cfg_for_export(export: nn.Module, source: Source, pre: Preproces
         cfg["min_input_size"] = min_size
     elif not default_config:
         cfg.pop("min_input_size", None)    # the registered minimum is for the default configuration only
-    if not (release and str(cfg.get("tag") or "").startswith("authors")):
+    if not folder and not (release and str(cfg.get("tag") or "").startswith("authors")):
         cfg["tag"] = None                  # the registry's tag names the authors' weights, not these
-    cfg["notes"] = (f"Exported by scripts/export_pretrained.py from {source.path.name} (sha256 {source.sha256}), "
-                    f"{_KIND_TEXT[source.kind]}.",)
+    note = (f"Exported by scripts/export_pretrained.py from {source.path.name} (sha256 {source.sha256}), "
+            f"{_KIND_TEXT[source.kind]}.")
+    cfg["notes"] = (tuple(cfg.get("notes") or ()) if folder else ()) + (note,)
     return cfg
 
 
@@ -509,9 +513,10 @@ def export_classifier(source: Source, out: Path, staging: Path, overrides: Mappi
         export.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as e:
         raise Refusal(f"{arch}: the constructor settings {args} do not rebuild the loaded model: {e}") from e
-    pre = _preprocessing(model, export.pretrained_cfg, source)
+    pre = _preprocessing(model, model.pretrained_cfg, source)
     default_config = set(args) <= {"num_classes", "legacy_token_layout"}
-    export.pretrained_cfg = _pretrained_cfg_for_export(export, source, pre, _min_input_size(export), default_config)
+    export.pretrained_cfg = _pretrained_cfg_for_export(export, model.pretrained_cfg, source, pre,
+                                                       _min_input_size(export), default_config)
     extra: Dict[str, Any] = {}
     if source.kind == "authors_classification" and args["num_classes"] == 1000:
         extra.update(_imagenet_labels())

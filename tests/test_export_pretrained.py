@@ -133,6 +133,10 @@ def test_own_checkpoint_exports_exactly_and_the_folder_re_exports(tmp_path, caps
     code, _, stderr = _run(["--checkpoint", out, "--out", again], capsys)
     assert code == 0, stderr
     assert _config(again)["model_args"] == config["model_args"]
+    cfg_again = _config(again)["pretrained_cfg"]
+    assert {k: cfg_again[k] for k in ("input_size", "crop_pct", "mean", "std", "min_input_size")} == \
+        {k: cfg[k] for k in ("input_size", "crop_pct", "mean", "std", "min_input_size")}
+    assert cfg_again["notes"][0] == cfg["notes"][0] and "model.safetensors" in cfg_again["notes"][1]
     rebuilt = timm.create_model(f"local-dir:{again}", pretrained=True)
     assert torch.equal(_logits(rebuilt, (3, 3, 32, 32)), _logits(model, (3, 3, 32, 32)))
 
