@@ -59,12 +59,17 @@ from timm.models import model_entrypoint, save_for_hf
 from timm.models._input import get_model_input_config
 
 import cbsa_core  # noqa: F401  (registers this project's architectures with timm)
+from cbsa_core.atomic import atomic_write_text
+from cbsa_core.engine.cli import run_cli
 from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, checkpoint_kind, extract_state_dict,
                                   read_checkpoint, resolve_token_layout)
 from cbsa_core.flops import PAPER_CLASSIFICATION, analytic_flops, count_parameters, measured_flops
 from cbsa_core.registry import ALIASES
 
-__all__ = ["main", "export", "ExportResult", "UsageError", "BadInput", "Refusal", "TOLERANCE", "VERIFY_SEED",
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parse_overrides  # noqa: E402
+
+__all__ = ["main", "cli", "export", "ExportResult", "UsageError", "BadInput", "Refusal", "TOLERANCE", "VERIFY_SEED",
            "CLASSIFICATION_REPORTED", "SEGMENTATION_REPORTED", "classification_reported", "segmentation_reported",
            "exportable_archs"]
 
@@ -531,7 +536,7 @@ def export_classifier(source: Source, out: Path, staging: Path, overrides: Mappi
     _check_verified(result, source)
     config_json = json.loads((staging / HUB_CONFIG).read_text())
     card = classification_card(model, source, result, pre, config_json, layout_text)
-    _write_text_atomic(staging / CARD_NAME, card)
+    atomic_write_text(staging / CARD_NAME, card)
     return result
 
 
@@ -560,7 +565,7 @@ def export_segmenter(source: Source, out: Path, staging: Path) -> ExportResult:
     result = ExportResult(out=out, task="segmentation", arch=label, max_abs_diff=diff, bit_identical=identical,
                           batch_shape=batch)
     _check_verified(result, source)
-    _write_text_atomic(staging / CARD_NAME, segmentation_card(model, source, result))
+    atomic_write_text(staging / CARD_NAME, segmentation_card(model, source, result))
     return result
 
 
@@ -827,18 +832,6 @@ def segmentation_card(model: nn.Module, source: Source, result: ExportResult) ->
 # ---------------------------------------------------------------------------------------------------------------
 # Output folder
 # ---------------------------------------------------------------------------------------------------------------
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise Refusal(f"--out {out} exists and is not a folder; refusing to replace it")
@@ -911,16 +904,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> ExportResult:
+    """Parse ``argv``, export, print the verification. Errors go to :func:`cli` (the engine's exit codes)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    prog = parser.prog
     try:
         overrides: Dict[str, Any] = {}
         if args.overrides:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from _common import parse_overrides
             try:
                 overrides = parse_overrides(args.overrides)
             except ValueError as e:
@@ -928,22 +919,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = export(Path(args.checkpoint), Path(args.out), arch=args.arch, overrides=overrides,
                         legacy_token_layout=args.legacy_token_layout, overwrite=args.overwrite)
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except BadInput as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except (Refusal, CheckpointError) as e:
-        print(f"{prog}: {e}" if str(e).startswith("refused") else f"{prog}: refused: {e}", file=sys.stderr)
-        return 1
+        parser.error(str(e))  # usage line + message, exit status 2, like any bad flag
     exact = "bit-identical" if result.bit_identical else "within tolerance"
     print(f"exported {result.task} {result.arch} from {args.checkpoint} to {result.out}: {', '.join(result.files)}")
     if result.task == "classification":
         print(f"model_args: {json.dumps(result.model_args)}")
     print(f"verified: max |logit difference| = {result.max_abs_diff:.3g} ({exact}) on a "
           f"{'x'.join(map(str, result.batch_shape))} random batch")
-    return 0
+    return result
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status through the engine's one error-to-exit-code function: bad flags 2; a missing or unreadable file,
+    an unknown arch or an export that would not be faithful 1, in one ``error:`` line."""
+    return run_cli(main, argv, refusals=(BadInput, Refusal))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
