@@ -1,6 +1,7 @@
 """Shared training machinery: config files, distributed set-up, checkpoints, logging, schedules, meters, and the
 run lifecycle of every track (output folder, resume consistency, NaN/Inf policy, exit codes and signals)."""
-from .amp import PRECISIONS, autocast_context, check_precision, make_grad_scaler
+from .amp import (PRECISIONS, autocast_context, check_precision, default_precision, make_grad_scaler,
+                  resolve_precision, set_tf32)
 from .cli import (EXIT_OK, EXIT_REFUSED, EXIT_USAGE, RUNTIME_REFUSALS, RunInterrupted, exit_code_of, run_cli,
                   stop_on_sigterm)
 from .config import ConfigError, ParsedSettings, load_config_file, parse_args_with_config, setting_source
@@ -28,6 +29,7 @@ from .finite import (NonFiniteError, NonFiniteLossError, NonFiniteOutputError, N
                      count_non_finite_rows, kept_checkpoint_note, non_finite_parameters)
 from .loop import default_unpack_batch, evaluate_classifier, train_one_epoch
 from .meters import AverageMeter, MetricLogger, accuracy, format_eta
+from .lion import Lion
 from .optim import OPTIMIZERS, build_optimizer
 from .resume import MustMatch, ResumeMismatchError, check_resume_consistency
 from .run_dir import OutputDir, OutputDirError, check_output_dir, check_output_file
@@ -47,7 +49,8 @@ from .validation import (finite_float, model_settings_error, non_negative_float,
 
 __all__ = [
     # amp
-    "PRECISIONS", "autocast_context", "check_precision", "make_grad_scaler",
+    "PRECISIONS", "autocast_context", "check_precision", "default_precision", "make_grad_scaler",
+    "resolve_precision", "set_tf32",
     # cli: exit codes and signals
     "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "RUNTIME_REFUSALS", "RunInterrupted", "exit_code_of", "run_cli",
     "stop_on_sigterm",
@@ -67,7 +70,7 @@ __all__ = [
     # meters
     "AverageMeter", "MetricLogger", "accuracy", "format_eta",
     # optim
-    "OPTIMIZERS", "build_optimizer",
+    "Lion", "OPTIMIZERS", "build_optimizer",
     # resume consistency
     "MustMatch", "ResumeMismatchError", "check_resume_consistency",
     # output folder
