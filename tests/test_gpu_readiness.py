@@ -393,3 +393,20 @@ def test_optimizer_state_from_before_the_head_freeze_resumes(weight_decay):
     assert all(torch.equal(new_buffers[n], old_buffers[n]) for n in new_buffers)
     current = new.state_dict()
     assert seg_main.adapt_optimizer_state(model, weight_decay)(current) is current  # the current layout: unchanged
+
+
+# ---------------------------------------------------------------------------------------------- model benchmark
+def test_benchmark_models_trains_with_each_models_recipe_optimizer(tmp_path):
+    import csv
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_models_gpu", REPO / "scripts" / "benchmark_models.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--threads", "1", "--optimizer", "recipe", "--out", str(tmp_path)])
+    assert [(r["model"], r["optimizer"]) for r in rows] == [("cbt_tiny", "lion"), ("vit_tiny", "adamw")]
+    with open(tmp_path / "model_benchmark.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["optimizer"] for r in written] == ["lion", "adamw"] and written[0]["train_peak_mem_mb"] == ""  # CPU
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dtype", "fp16", "--out", str(tmp_path)])  # fp16 needs CUDA
