@@ -4,6 +4,7 @@ find_unused_parameters, and a dry run of ``scripts/gpu_check.py`` so the GPU che
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 import subprocess
@@ -14,11 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.data import DataLoader, TensorDataset
 
 import cbsa_core
 from cbsa_core.engine import (Lion, NonFiniteLossError, build_optimizer, default_precision, resolve_precision,
                               set_tf32, train_one_epoch)
+from cbsa_core.engine.host_reads import HostReadCounter
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,37 +171,6 @@ def test_build_optimizer_lion_is_the_multi_tensor_one():
 
 
 # ------------------------------------------------------------------------------------------ host reads per step
-_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-
-class HostReads:
-    """Counts the Python-level calls that read a tensor's value on the host (on a GPU each waits for it)."""
-
-    def __init__(self) -> None:
-        self.calls: collections.Counter = collections.Counter()
-        self._saved = {}
-
-    def __enter__(self) -> "HostReads":
-        for name in _READS:
-            original = getattr(torch.Tensor, name)
-            self._saved[name] = original
-
-            def counted(t, *args, __name=name, __original=original, **kwargs):
-                self.calls[__name] += 1
-                return __original(t, *args, **kwargs)
-
-            setattr(torch.Tensor, name, counted)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-
-    @property
-    def total(self) -> int:
-        return sum(self.calls.values())
-
-
 def _cbt_batches(n_steps: int, batch: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g))
@@ -222,12 +192,12 @@ def test_training_step_reads_the_host_once_per_print_interval(precision, print_f
     opt = build_optimizer("lion", model, lr=1e-4, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0 - 0.01 * it)
     logged = []
-    with HostReads() as reads:
+    with HostReadCounter() as reads:
         stats = train_one_epoch(model, batches, nn.CrossEntropyLoss(), opt, epoch=0, device="cpu",
                                 precision=precision, print_freq=print_freq, clip_grad=1.0, scheduler_per_iter=sched,
                                 log_fn=lambda values, step: logged.append(step))
     lines = len(range(0, n_steps, print_freq)) + ((n_steps - 1) % print_freq != 0)
-    assert reads.total == lines <= math.ceil(n_steps / print_freq) + 1, reads.calls
+    assert reads.total == lines <= math.ceil(n_steps / print_freq) + 1, reads.by_method
     assert logged == sorted(set(range(0, n_steps, print_freq)) | {n_steps - 1})
     assert stats["num_images"] == 4 * n_steps and stats["steps"] == n_steps and math.isfinite(stats["loss"])
 
@@ -237,7 +207,7 @@ def test_host_read_counter_sees_a_read_at_every_step():
     batches = _cbt_batches(6)
     model = _tiny_cbt()
     opt = build_optimizer("lion", model, lr=1e-4, weight_decay=0.05)
-    with HostReads() as reads:
+    with HostReadCounter() as reads:
         train_one_epoch(model, batches, nn.CrossEntropyLoss(), opt, epoch=0, device="cpu", print_freq=1)
     assert reads.total == 6
 
@@ -410,3 +380,57 @@ def test_benchmark_models_trains_with_each_models_recipe_optimizer(tmp_path):
     assert [r["optimizer"] for r in written] == ["lion", "adamw"] and written[0]["train_peak_mem_mb"] == ""  # CPU
     with pytest.raises(SystemExit):
         bench.parse_args(["--dtype", "fp16", "--out", str(tmp_path)])  # fp16 needs CUDA
+
+
+# ------------------------------------------------------------------------------------------- scripts/gpu_check
+def test_gpu_check_dry_run_on_cpu_passes_every_step_it_can_run(tmp_path):
+    """`scripts/gpu_check.sh --device cpu --quick`: every step runs (tiny models and data), the CUDA-only checks are
+    SKIP lines, the rest PASS, and the summary files agree, so the GPU check cannot rot before a GPU runs it."""
+    out = tmp_path / "dry"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--device", "cpu", "--quick", "--out",
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = (out / "summary.txt").read_text().splitlines()
+    checks = [line.split(None, 2) for line in lines[1:-1]]
+    assert {status for status, _, _ in checks} == {"PASS", "SKIP"}
+    steps = {step for _, step, _ in checks}
+    assert steps == {"env", "numerics", "syncs", "classification", "ddp", "seg_vit", "throughput", "compile"}
+    skipped = sorted(rest.split("  ")[0].strip() for status, step, rest in checks if status == "SKIP")
+    assert skipped == ["SyncBatchNorm host syncs", "fp16 1 epoch", "fp16 and tf32", "gpu"]
+    assert lines[-1].startswith("overall: PASS:")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"] == "PASS" and summary["counts"]["FAIL"] == 0
+    assert len(summary["checks"]) == len(checks)
+    numbers = {(c["step"], c["check"]): c["numbers"] for c in summary["checks"]}
+    reads = numbers[("syncs", "bf16 CBT-S batch 4")]
+    assert reads["syncs"] == reads["expected"] == 3  # 6 steps, a progress read every 3: steps 0, 3 and 5
+    assert numbers[("ddp", "exact validation")]["one"]["num_images"] == 12
+    assert (out / "cls_eval_cpu" / "eval.json").is_file() and (out / "throughput" / "model_benchmark.csv").is_file()
+
+
+def test_gpu_check_uses_the_project_venv_and_exits_3_without_cuda(tmp_path):
+    """The shell script runs <repository>/.venv/bin/python by default (here a link to this interpreter in a copy
+    of the scripts); without a CUDA device the check ends in one line with status 3 and writes nothing. Without
+    an interpreter it says what to do."""
+    (tmp_path / "scripts").mkdir()
+    for name in ("gpu_check.sh", "gpu_check.py"):
+        (tmp_path / "scripts" / name).write_text((REPO / "scripts" / name).read_text())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 127
+    assert f"no Python interpreter at {tmp_path}/.venv/bin/python: run 'make venv'" in proc.stderr
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    wrapper = tmp_path / ".venv" / "bin" / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA device (torch.cuda.is_available() is False), nothing was run; for a CPU dry run: "
+        "scripts/gpu_check.sh --device cpu --quick"]
+    assert not (tmp_path / "out").exists()
