@@ -14,8 +14,8 @@ Recipe of the release (official-code.md §1.2): all parameters fine-tuned, one A
 10 warm-up epochs then cosine (``lr_e = lr·min((e+1)/10, ½(1+cos(πe/E)))``, stepped per epoch), label
 smoothing 0.1, fp16 autocast with ``GradScaler(init_scale=8192)`` on CUDA, fp32 evaluation, no gradient
 clipping. Here ``--precision auto`` keeps that fp16 recipe on GPUs without native bf16 and trains in bf16 on newer
-ones (no loss scaling needed); TF32 is on for the remaining fp32 maths unless ``--no-tf32``. Transforms follow the arch's size: RandomResizedCrop(S) + flip for training, Resize(⌊S/0.875⌋)
-+ CenterCrop(S) for evaluation (224/256 and 384/438), normalised with ImageNet statistics as released
+ones (no loss scaling needed); TF32 is on for the remaining fp32 maths unless ``--no-tf32``. Transforms follow the
+arch's size: RandomResizedCrop(S) + flip for training, Resize(⌊S/0.875⌋) + CenterCrop(S) for evaluation (224/256 and 384/438), normalised with ImageNet statistics as released
 (``--norm inception`` uses the augreg weights' own 0.5/0.5).
 
 Without ``--pretrained-file`` the weights are random (nothing is ever downloaded). The token layout follows the

@@ -12,9 +12,9 @@ neither resamples position embeddings per forward. In one run and with the same 
 
 each timed as the minimum over ``--repeats`` steps after ``--warmup`` steps (CUDA: synchronised), with
 ``--dtype bf16``/``fp16`` under ``torch.autocast`` (fp16 with a ``GradScaler``, as the fp16 recipe trains). On CUDA
-the peak memory of the training steps is reported too (``train_peak_mem_mb``). Prints images/s and the CBT / ViT ratios per size (paper
-Table 7, 512² on a GPU: CBT-S 205 / 405 img/s against ViT-S 94 / 211, i.e. 2.2× training and 1.9×
-inference) and writes ``model_benchmark.csv`` to ``--out``.
+the peak memory of the training steps is reported too (``train_peak_mem_mb``). Prints images/s and the CBT / ViT
+ratios per size (paper Table 7, 512² on a GPU: CBT-S 205 / 405 img/s against ViT-S 94 / 211, i.e. 2.2× training
+and 1.9× inference) and writes ``model_benchmark.csv`` to ``--out``.
 
     python scripts/benchmark_models.py --out runs/bench_models                       # CPU, fp32, 224² and 512²
     python scripts/benchmark_models.py --device cuda --dtype bf16 --batch 64 --channels-last --out runs/gpu

@@ -12,7 +12,8 @@ env              versions, GPU, driver (against the minimum the CUDA build needs
 numerics         fp16 and bf16 autocast (and fp32 with TF32) against strict fp32, forward and backward: the CBSA
                  layer, CBT-S, the segmentation decoder and the ViT with CBSA* (limits: ``NUMERIC_LIMITS``)
 syncs            CBT-S, batch 32, 20 steps of the real training loop under ``torch.cuda.set_sync_debug_mode``:
-                 host synchronisations per step, by the line that caused them (bf16, and fp16 + GradScaler)
+                 host synchronisations per step, by the line that caused them (bf16, and fp16 + GradScaler);
+                 the multi-tensor Lion against lion-pytorch (same weights, step time; its Triton kernel too)
 classification   the real loop on the digits config for one epoch in fp32, fp16 (GradScaler) and bf16, then
                  ``--evaluate --resume`` of the GPU checkpoint on the CPU
 ddp              ``torchrun --nproc_per_node=2`` on one GPU (gloo, SyncBatchNorm): every validation image counted
@@ -369,6 +370,66 @@ def step_syncs(ctx: Context) -> List[Check]:
                             f"ms/step; from {', '.join(f'{c} x{n}' for c, n in where) or 'nowhere'}",
                             {"syncs": counter.total, "steps": steps, "expected": expected, "allowed": allowed,
                              "ms_per_step": 1e3 * stats["epoch_time"] / steps, "by_caller": dict(counter.by_caller)}))
+    return checks + _lion_checks(ctx)
+
+
+def _lion_checks(ctx: Context) -> List[Check]:
+    """This project's multi-tensor Lion against lion-pytorch's per-parameter one (and its Triton kernel on CUDA):
+    the same updates, and the optimizer step's time, on CBT-S's 138 parameter tensors."""
+    import cbsa_core
+    from lion_pytorch import Lion as ReferenceLion
+
+    from cbsa_core.engine import Lion
+
+    lr, steps = 2e-4, 5
+    torch.manual_seed(0)
+    start = [p.detach().to(ctx.device) for p in cbsa_core.create_model("cbt_small", num_classes=1000).parameters()]
+    grads = [[torch.randn_like(p) * 1e-3 for p in start] for _ in range(steps)]
+
+    def run(factory) -> tuple:
+        params = [nn.Parameter(p.clone()) for p in start]
+        opt = factory(params)
+        best = math.inf
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g
+            _sync(ctx.device)
+            t0 = time.perf_counter()
+            opt.step()
+            _sync(ctx.device)
+            best = min(best, time.perf_counter() - t0)
+        return [p.detach() for p in params], 1e3 * best
+
+    ours, t_ours = run(lambda ps: Lion(ps, lr=lr, weight_decay=0.05))
+    ref, t_ref = run(lambda ps: ReferenceLion(ps, lr=lr, weight_decay=0.05))
+
+    def compare(a: List[torch.Tensor], b: List[torch.Tensor]) -> tuple:
+        unequal = sum(int((x != y).sum()) for x, y in zip(a, b))
+        return unequal / sum(x.numel() for x in a), max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+    frac, worst = compare(ours, ref)
+    exact = frac == 0.0
+    ok = exact if not ctx.cuda else (frac <= 1e-3 and worst <= 2 * lr * steps)
+    checks = [Check("syncs", "Lion CBT-S step", passed(ok),
+                    f"{steps} steps: "
+                    f"{'bit-identical to' if exact else f'{100 * frac:.4f} % of the weights differ from'} "
+                    f"lion-pytorch (max {worst:.1e}); optimizer step {t_ours:.2f} ms (7 multi-tensor ops) vs "
+                    f"{t_ref:.2f} ms (lion-pytorch, 8 ops per tensor)",
+                    {"unequal_fraction": frac, "max_abs_diff": worst, "ms_ours": t_ours, "ms_lion_pytorch": t_ref})]
+    if not ctx.cuda:
+        checks.append(Check("syncs", "lion-pytorch Triton kernel", "SKIP", "needs CUDA"))
+        return checks
+    try:
+        tri, t_tri = run(lambda ps: ReferenceLion(ps, lr=lr, weight_decay=0.05, use_triton=True))
+    except Exception as e:  # noqa: BLE001 -- optional path: report why it does not run
+        checks.append(Check("syncs", "lion-pytorch Triton kernel", "SKIP",
+                            f"does not run with the pinned versions: {type(e).__name__}: {str(e)[:120]}"))
+        return checks
+    frac, worst = compare(tri, ref)
+    checks.append(Check("syncs", "lion-pytorch Triton kernel", "PASS",
+                        f"runs (not used by the tracks): {t_tri:.2f} ms per step, {100 * frac:.4f} % of the weights "
+                        f"differ from lion-pytorch's reference (max {worst:.1e})",
+                        {"ms": t_tri, "unequal_fraction": frac, "max_abs_diff": worst}))
     return checks
 
 
@@ -828,7 +889,7 @@ def run_isolated(name: str, args: argparse.Namespace, limit: float) -> List[Chec
     log = args.out / "logs" / f"{name}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--device", args.device, "--out",
            str(args.out), "--compile-backend", args.compile_backend] + (["--quick"] if args.quick else [])
-    rc = _run_child(cmd, limit, log)
+    rc = _run_child(cmd, limit, log, dict(os.environ, PYTHONUNBUFFERED="1"))  # the log survives a kill
     if rc is None:
         return [Check(name, "time limit", "FAIL", f"ran out of its {limit:.0f} s limit (logs/{name}.log: "
                                                   f"{_tail(log, 2)})")]
@@ -838,7 +899,8 @@ def run_isolated(name: str, args: argparse.Namespace, limit: float) -> List[Chec
     return [Check(**c) for c in json.loads(result.read_text())["checks"]]
 
 
-def write_summary(out: Path, checks: List[Check], header: List[str], elapsed: float, pending: Sequence[str] = ()) -> str:
+def write_summary(out: Path, checks: List[Check], header: List[str], elapsed: float,
+                  pending: Sequence[str] = ()) -> str:
     """summary.txt and summary.json; rewritten after every step, so a run stopped from outside leaves the steps
     done so far (and ``overall: INCOMPLETE`` naming the ones not run)."""
     counts = {s: sum(c.status == s for c in checks) for s in ("PASS", "FAIL", "SKIP")}

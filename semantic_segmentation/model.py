@@ -32,7 +32,8 @@ from .encoder import BACKBONES, SegmenterViT, create_encoder, load_pretrained_en
 from .pretrained import read_pretrained_folder
 from .release_checkpoints import config_from_release_checkpoint, read_variant
 
-__all__ = ["ARCH", "UNUSED_ENCODER_MODULES", "Segmenter", "default_model_config", "check_rep_grid", "create_segmenter", "load_model",
+__all__ = ["ARCH", "UNUSED_ENCODER_MODULES", "Segmenter",
+           "default_model_config", "check_rep_grid", "create_segmenter", "load_model",
            "read_variant", "pad_to_patch", "config_from_release_checkpoint", "config_from_authors_checkpoint",
            "resolve_model_config"]
 

@@ -397,7 +397,8 @@ def test_gpu_check_dry_run_on_cpu_passes_every_step_it_can_run(tmp_path):
     steps = {step for _, step, _ in checks}
     assert steps == {"env", "numerics", "syncs", "classification", "ddp", "seg_vit", "throughput", "compile"}
     skipped = sorted(rest.split("  ")[0].strip() for status, step, rest in checks if status == "SKIP")
-    assert skipped == ["SyncBatchNorm host syncs", "fp16 1 epoch", "fp16 and tf32", "gpu"]
+    assert skipped == ["SyncBatchNorm host syncs", "fp16 1 epoch", "fp16 and tf32", "gpu",
+                       "lion-pytorch Triton kernel"]
     assert lines[-1].startswith("overall: PASS:")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"] == "PASS" and summary["counts"]["FAIL"] == 0
@@ -406,6 +407,7 @@ def test_gpu_check_dry_run_on_cpu_passes_every_step_it_can_run(tmp_path):
     reads = numbers[("syncs", "bf16 CBT-S batch 4")]
     assert reads["syncs"] == reads["expected"] == 3  # 6 steps, a progress read every 3: steps 0, 3 and 5
     assert numbers[("ddp", "exact validation")]["one"]["num_images"] == 12
+    assert numbers[("syncs", "Lion CBT-S step")]["unequal_fraction"] == 0.0  # bit-identical to lion-pytorch
     assert (out / "cls_eval_cpu" / "eval.json").is_file() and (out / "throughput" / "model_benchmark.csv").is_file()
 
 

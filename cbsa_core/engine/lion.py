@@ -1,9 +1,9 @@
 """Lion (Chen et al. 2023) with multi-tensor (``torch._foreach_*``) updates, bit-exact with lion-pytorch 0.2.5.
 
 The release trains with ``lion_pytorch.Lion``, which updates one parameter at a time: eight tensor ops per
-parameter and step, 1,104 kernel launches for CBT-S's 138 tensors (1,242 on the first step, which also creates the
-state), more than the model's own forward and backward launch at 32 images per GPU. Here every parameter group
-takes seven multi-tensor ops per device and dtype, whatever its size.
+parameter and step, 1,104 ops for CBT-S's 138 tensors (1,242 on the first step, which also creates the state),
+each a kernel launch on a GPU. Here every parameter group takes seven multi-tensor ops per device and dtype,
+whatever its size (``scripts/gpu_check.py`` times both on a GPU).
 
 The update is lion-pytorch's ``update_fn``, op for op and in the same order, so the result is the same bits
 (checked on CPU in fp32 by the tests)::
