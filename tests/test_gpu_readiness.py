@@ -436,3 +436,44 @@ def test_gpu_check_uses_the_project_venv_and_exits_3_without_cuda(tmp_path):
         "gpu_check: no CUDA device (torch.cuda.is_available() is False), nothing was run; for a CPU dry run: "
         "scripts/gpu_check.sh --device cpu --quick"]
     assert not (tmp_path / "out").exists()
+
+
+def test_precision_and_tf32_are_recorded_and_may_change_on_resume(tmp_path):
+    """Classification: the CPU default (fp32, TF32 on) is recorded in config.yaml and the checkpoint; a resume with
+    another precision and --no-tf32 is accepted and records what it uses."""
+    import yaml
+    from test_classification import make_imagefolder, run_main, write_config
+
+    from image_classification import main as icm
+
+    data, cfg, out = make_imagefolder(tmp_path / "data"), write_config(tmp_path / "tiny.yaml"), tmp_path / "run"
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        run_main(cfg, data, out, "--epochs", "2", "--stop-epoch", "1")
+        recorded = yaml.safe_load((out / "config.yaml").read_text())
+        assert (recorded["precision"], recorded["tf32"], recorded["sync_bn"]) == ("fp32", True, True)
+        run_main(cfg, data, out, "--epochs", "2", "--resume", str(out / icm.LAST_CHECKPOINT), "--precision", "bf16",
+                 "--no-tf32")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        recorded = yaml.safe_load((out / "config.yaml").read_text())
+        saved = torch.load(out / icm.LAST_CHECKPOINT, weights_only=True)["config"]
+        assert (recorded["precision"], recorded["tf32"]) == (saved["precision"], saved["tf32"]) == ("bf16", False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_segmentation_precision_follows_amp_unless_precision_is_given():
+    import argparse
+
+    from cbsa_core.engine import ConfigError
+    from semantic_segmentation import main as seg_main
+
+    def resolve(**flags):
+        return seg_main.resolve_training_precision(argparse.Namespace(**{"precision": None, "amp": False, **flags}),
+                                                   torch.device("cpu"))
+
+    assert resolve() == "fp32"  # the release's recipe
+    assert resolve(amp=True) == resolve(precision="auto") == "bf16"  # the CPU's mixed precision
+    assert resolve(amp=True, precision="fp32") == "fp32"  # --precision overrides --amp
+    with pytest.raises(ConfigError, match="--precision fp16: fp16 autocast needs a CUDA device"):
+        resolve(precision="fp16")
