@@ -1,5 +1,7 @@
-"""Shared training machinery: config files, distributed set-up, checkpoints, logging, schedules, meters, and the
-run lifecycle of every track (output folder, resume consistency, NaN/Inf policy, exit codes and signals)."""
+"""Shared training machinery: config files, distributed set-up, checkpoints, logging, schedules, meters, optimizers
+(a multi-tensor Lion), numeric modes (precision, TF32), a training step that reads the GPU only at its progress
+lines, and the run lifecycle of every track (output folder, resume consistency, NaN/Inf policy, exit codes and
+signals)."""
 from .amp import (PRECISIONS, autocast_context, check_precision, default_precision, make_grad_scaler,
                   resolve_precision, set_tf32)
 from .cli import (EXIT_OK, EXIT_REFUSED, EXIT_USAGE, RUNTIME_REFUSALS, RunInterrupted, exit_code_of, run_cli,
@@ -24,6 +26,7 @@ from .distributed import (
     unwrap_model,
     wrap_ddp,
 )
+from .host_reads import CudaSyncCounter, HostReadCounter
 from .logging import JsonlLogger, TensorBoardLogger, setup_logging, to_jsonable
 from .finite import (NonFiniteError, NonFiniteLossError, NonFiniteOutputError, NonFiniteParametersError,
                      count_non_finite_rows, kept_checkpoint_note, non_finite_parameters)
@@ -36,6 +39,7 @@ from .run_dir import OutputDir, OutputDirError, check_output_dir, check_output_f
 from .runner import (BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_JSONL, RUN_CONFIG, Evaluator, RunFiles,
                      classifier_evaluator, fit, make_eval_loader, make_train_loader)
 from .schedules import PolynomialLambda, WarmupCosineLambda, build_lambda_scheduler
+from .step_stats import StepRecord, StepWindow
 from .training_state import (
     capture_rng_state,
     load_training_checkpoint,
@@ -60,6 +64,8 @@ __all__ = [
     "DistInfo", "ShardedEvalSampler", "all_reduce_sum", "barrier", "broadcast_buffers", "broadcast_object",
     "cleanup_distributed", "collective_device", "epoch_seed", "get_rank", "get_world_size", "init_distributed",
     "is_dist_initialized", "revert_sync_batchnorm", "seed_everything", "unwrap_model", "wrap_ddp",
+    # host reads: counting what makes the host wait for the GPU
+    "CudaSyncCounter", "HostReadCounter",
     # logging
     "JsonlLogger", "TensorBoardLogger", "setup_logging", "to_jsonable",
     # finite: the NaN/Inf policy
@@ -80,6 +86,8 @@ __all__ = [
     "fit", "make_eval_loader", "make_train_loader",
     # schedules
     "PolynomialLambda", "WarmupCosineLambda", "build_lambda_scheduler",
+    # step statistics kept on the device
+    "StepRecord", "StepWindow",
     # training state
     "capture_rng_state", "load_training_checkpoint", "make_train_sampler", "restore_rng_state",
     "save_training_checkpoint", "to_weights_only_safe",
