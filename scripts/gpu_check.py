@@ -79,11 +79,12 @@ NUMERIC_LIMITS: Dict[str, Dict[str, tuple]] = {
 }
 NUMERIC_LIMITS["fp16"] = {k: (a / 2, b / 2) for k, (a, b) in NUMERIC_LIMITS["bf16"].items()}
 NUMERIC_LIMITS["tf32"] = dict(NUMERIC_LIMITS["fp16"])
-# torch.compile against eager in the same precision: fused kernels round in another order; a few units of the
-# precision's roundoff per op, far below this, which catches a wrong graph.
+# torch.compile against eager in the same precision: fused kernels round in another order, which is expected to
+# differ by a few units of the precision's roundoff per op, far below this; a wrong graph is off by O(1).
 COMPILE_LIMIT = 5e-2
-# --evaluate of a GPU checkpoint on the CPU (strict fp32) against the GPU's validation (fp32 with TF32): TF32
-# perturbs logits by ~1e-3 relative, which may move one borderline image.
+# --evaluate of a GPU checkpoint on the CPU (strict fp32) against the GPU's validation (fp32 with TF32, which rounds
+# the products' inputs to 11 significand bits, 2^-11 = 4.9e-4 relative): the mean loss may move by a few 1e-4 and
+# one borderline image may change class; anything more means the file or the evaluation differs.
 EVAL_LOSS_RTOL = 5e-3
 
 
@@ -187,10 +188,10 @@ def step_env(ctx: Context) -> List[Check]:
                 cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                 timm=version("timm"), lion_pytorch=version("lion-pytorch"), triton=version("triton"),
                 cpus=os.cpu_count(), arch_list=torch.cuda.get_arch_list() if torch.cuda.is_available() else [])
-    checks = []
+    checks = [_tf32_check()]
     if not ctx.cuda:
-        checks.append(Check("env", "versions", "PASS", f"CPU dry run; torch {info['torch']} (built for CUDA "
-                            f"{info['cuda_build']}), python {info['python']}, {info['cpus']} CPUs", info))
+        checks.insert(0, Check("env", "versions", "PASS", f"CPU dry run; torch {info['torch']} (built for CUDA "
+                               f"{info['cuda_build']}), python {info['python']}, {info['cpus']} CPUs", info))
         checks.append(Check("env", "gpu", "SKIP", "no CUDA device in this run"))
         return checks
     props = torch.cuda.get_device_properties(ctx.device)
@@ -199,7 +200,7 @@ def step_env(ctx: Context) -> List[Check]:
                 native_bf16=torch.cuda.is_bf16_supported(including_emulation=False))
     x = torch.randn(512, 512, device=ctx.device)
     works = bool(torch.isfinite(x @ x).all())
-    checks.append(Check("env", "versions", "PASS", f"torch {info['torch']}, CUDA {info['cuda_build']}, cuDNN "
+    checks.insert(0, Check("env", "versions", "PASS", f"torch {info['torch']}, CUDA {info['cuda_build']}, cuDNN "
                         f"{info['cudnn']}, timm {info['timm']}, lion-pytorch {info['lion_pytorch']}, triton "
                         f"{info['triton']}, python {info['python']}, {info['cpus']} CPUs", info))
     sm = f"sm_{props.major}{props.minor}"
@@ -217,9 +218,19 @@ def step_env(ctx: Context) -> List[Check]:
         ok = need is None or int(driver.split(".")[0]) >= need
         checks.append(Check("env", "driver", passed(ok), f"driver {driver}; CUDA {torch.version.cuda} builds need "
                             f">= {need}" if need else f"driver {driver}", {"driver": driver, "min_major": need}))
-    from cbsa_core.engine import set_tf32
-    checks.append(Check("env", "tf32", "PASS", f"the tracks turn TF32 on ({set_tf32(True)}); --no-tf32 turns it off"))
     return checks
+
+
+def _tf32_check() -> Check:
+    """The tracks' TF32 switch reaches torch's matmul precision (and back)."""
+    from cbsa_core.engine import set_tf32
+    with _tf32(True):
+        on = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        set_tf32(False)
+        off = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    ok = on == ("high", True) and off == ("highest", False)
+    return Check("env", "tf32 switch", passed(ok), f"--tf32 (default): matmul precision {on[0]!r}, cuDNN TF32 "
+                 f"{on[1]}; --no-tf32: {off[0]!r}, {off[1]}", {"on": list(on), "off": list(off)})
 
 
 # ------------------------------------------------------------------------------------------------- numerics
