@@ -571,7 +571,7 @@ def _stop_group(pgid: int, grace: float = 5.0) -> None:
             time.sleep(0.1)
 
 
-def _on_sigterm(signum, frame) -> None:  # noqa: ANN001 -- signal handler signature
+def _on_sigterm(signum, frame) -> None:  # noqa: ANN001 -- signal handler signature (SIGTERM, SIGINT)
     for pgid in list(_CHILD_GROUPS):
         _stop_group(pgid, grace=2.0)
     raise SystemExit(128 + signum)
@@ -956,7 +956,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)  # stop the steps' process groups with us
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop the steps' process groups (their own sessions) with us
+        signal.signal(sig, _on_sigterm)
     if args.worker == "syncbn":
         worker_syncbn(args.out)
         return EXIT_OK

@@ -25,4 +25,5 @@ if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # a first argument without a dash 
     shift
     set -- --out "$OUT" "$@"
 fi
-exec timeout --kill-after=5 "${GPU_CHECK_TIMEOUT:-470}" "$PY" "$HERE/gpu_check.py" "$@"
+# --foreground: Ctrl-C still reaches the check, which stops its steps' processes itself.
+exec timeout --foreground --kill-after=5 "${GPU_CHECK_TIMEOUT:-470}" "$PY" "$HERE/gpu_check.py" "$@"
