@@ -637,7 +637,8 @@ def step_ddp(ctx: Context) -> List[Check]:
     extra = w["syncbn"]["per_step"] - w["plain"]["per_step"]
     checks.append(Check("ddp", "SyncBatchNorm host syncs", "PASS",
                         f"{w['syncbn']['per_step']:.1f} syncs/step with SyncBatchNorm vs {w['plain']['per_step']:.1f} "
-                        f"without ({extra:.1f} more for {w['bn_layers']} BatchNorm layers; gloo's own copies in both); "
+                        f"without ({extra:.1f} more for {w['bn_layers']} BatchNorm layers; torch.distributed's own waits are not "
+                        f"counted by the sync debug mode); "
                         f"{w['syncbn']['ms_per_step']:.1f} vs {w['plain']['ms_per_step']:.1f} ms/step", w))
     return checks
 

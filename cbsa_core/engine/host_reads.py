@@ -75,7 +75,8 @@ class HostReadCounter:
 class CudaSyncCounter:
     """Within the block, ``torch.cuda.set_sync_debug_mode("warn")``: count each synchronising CUDA operation by the
     Python line that caused it (the innermost frame outside torch, or inside torch with ``attribute_to_torch``).
-    The previous debug mode is restored on exit."""
+    The previous debug mode is restored on exit. torch's debug mode covers ATen operations and copies, not the
+    collectives of ``torch.distributed``."""
 
     MESSAGE = "called a synchronizing CUDA operation"
 
