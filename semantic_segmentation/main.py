@@ -11,7 +11,9 @@ Recipe (config.yml / §1.3.4): SGD lr 1e-3, momentum 0.9 (Nesterov, as timm's 's
 ``--weight-decay`` spares norms, biases, pos_embed/cls_token/cls_emb, as timm's create_optimizer), polynomial
 decay (power 0.9) to 1e-5 stepped every iteration, 64 epochs, global batch 8, drop-path 0.1, cross-entropy
 ignoring 255, evaluation every 2 epochs with 512 windows and stride 512 (variants below the window upscaled to it,
-as in the release).
+as in the release), fp32 training (``--amp``: the GPU's mixed precision, bf16 where native, else fp16 +
+GradScaler; ``--precision`` chooses) with TF32 on (``--no-tf32``). The encoder's unused classifier head is frozen,
+so DDP runs without ``find_unused_parameters``.
 
 ``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume``, the default, continues from it exactly
 with the same settings), ``variant.yml`` (the release's description of the run), ``config.yaml`` (the settings
@@ -228,8 +230,8 @@ def _param_group_names(model: nn.Module, weight_decay: float, include_frozen: bo
         return [[n for n, _ in params]]
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     no_decay = [n for n, p in params if p.ndim <= 1 or n.endswith(".bias") or n in skip]
-    decay = [n for n, p in params if n not in set(no_decay)]
-    return [no_decay, decay]
+    exempt = set(no_decay)
+    return [no_decay, [n for n, _ in params if n not in exempt]]
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
