@@ -13,8 +13,9 @@ global batch, split evenly over the ranks).
 Recipe of the release (official-code.md §1.2): all parameters fine-tuned, one AdamW/Lion param group,
 10 warm-up epochs then cosine (``lr_e = lr·min((e+1)/10, ½(1+cos(πe/E)))``, stepped per epoch), label
 smoothing 0.1, fp16 autocast with ``GradScaler(init_scale=8192)`` on CUDA, fp32 evaluation, no gradient
-clipping. Transforms follow the arch's size: RandomResizedCrop(S) + flip for training, Resize(⌊S/0.875⌋)
-+ CenterCrop(S) for evaluation (224/256 and 384/438), normalised with ImageNet statistics as released
+clipping. Here ``--precision auto`` keeps that fp16 recipe on GPUs without native bf16 and trains in bf16 on newer
+ones (no loss scaling needed); TF32 is on for the remaining fp32 maths unless ``--no-tf32``. Transforms follow the
+arch's size: RandomResizedCrop(S) + flip for training, Resize(⌊S/0.875⌋) + CenterCrop(S) for evaluation (224/256 and 384/438), normalised with ImageNet statistics as released
 (``--norm inception`` uses the augreg weights' own 0.5/0.5).
 
 Without ``--pretrained-file`` the weights are random (nothing is ever downloaded). The token layout follows the
@@ -53,8 +54,9 @@ from cbsa_core.engine import (PRECISIONS, ConfigError, MustMatch, NonFiniteOutpu
                               check_resume_consistency, cleanup_distributed, evaluate_classifier, finite_float, fit,
                               init_distributed, load_training_checkpoint, make_eval_loader, make_grad_scaler,
                               make_train_loader, model_settings_error, non_negative_float, non_negative_int,
-                              parse_args_with_config, positive_float, positive_int, run_cli, seed_everything,
-                              setup_logging, unwrap_model, warn_if_single_class, wrap_ddp)
+                              parse_args_with_config, positive_float, positive_int, resolve_precision, run_cli,
+                              seed_everything, set_tf32, setup_logging, unwrap_model, warn_if_single_class,
+                              wrap_ddp)
 from finetune_vit.attention import BROADCAST_CHOICES  # noqa: E402
 from finetune_vit.convert import ATTENTION_CHOICES, set_legacy_token_layout  # noqa: E402
 from finetune_vit.flops import model_flops  # noqa: E402
@@ -122,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smooth", "--label_smooth", type=finite_float, default=0.1, dest="label_smooth")
     p.add_argument("--clip-grad", type=positive_float, default=None, help="gradient-norm clipping (the release: none)")
     p.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
-                   help="auto = fp16 autocast on CUDA (as released), fp32 on the CPU")
+                   help="auto = bf16 autocast on GPUs with native bf16, fp16 + GradScaler (as released) on older "
+                        "GPUs, fp32 on the CPU")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="let fp32 matrix products and convolutions on CUDA use TF32 tensor cores (evaluation, fp32 "
+                        "training); --no-tf32 keeps full fp32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("-p", "--print-freq", type=positive_int, default=50)
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -245,7 +251,11 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
         args.output_dir, flag="--output-dir", run_files=RUN_FILES.run_markers, resume_from=args.resume,
         overwrite=args.overwrite, also_replaced=RUN_FILES.run_companions)
     device = dist_info.device
-    precision = ("fp16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    try:
+        precision = resolve_precision(args.precision, device)  # refuses fp16 on CPU, bf16 on old GPUs
+    except ValueError as e:
+        raise ConfigError(f"--precision {args.precision}: {e}") from None
+    set_tf32(args.tf32)
     if args.batch_size % dist_info.world_size:
         raise ConfigError(f"--batch-size {args.batch_size} does not divide over {dist_info.world_size} processes")
     seed_everything(args.seed, dist_info.rank)

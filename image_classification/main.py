@@ -9,8 +9,10 @@ The authors' commands work verbatim, from inside this folder or as a module::
     python -m image_classification.main --config configs/classification/digits.yaml --output-dir runs/demo
 
 Recipe (paper §6, official-code.md §1.1.5): label-smoothed CE, Lion with one parameter group (weight decay on
-everything), the release's per-epoch warm-up/cosine ``LambdaLR`` stepped after validation, fp16 autocast + GradScaler
-on CUDA, fp32 validation. Departures from the release, all fixes of its bugs: the schedule (warm-up included) is
+everything), the release's per-epoch warm-up/cosine ``LambdaLR`` stepped after validation, mixed precision on CUDA,
+fp32 validation. The release's fp16 + GradScaler is used on GPUs without native bf16; newer GPUs train in bf16 by
+default (same range as fp32: no loss scaling, no skipped steps), and TF32 is on for the remaining fp32 maths
+(``--precision``, ``--no-tf32``). Departures from the release, all fixes of its bugs: the schedule (warm-up included) is
 restored on ``--resume`` (item 13), outputs go to ``--output-dir`` instead of the CWD (item 17), validation is exact
 under DDP, the train metrics are all-reduced, and NaN/Inf stops the run without saving or scoring the model. The run
 lifecycle (output folder rule, resume consistency, NaN/Inf policy, exit codes, signals), the epoch loop, loaders and
@@ -50,13 +52,13 @@ from cbsa_core.atomic import atomic_write_json
 from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, checkpoint_kind, extract_state_dict,
                                   load_checkpoint, read_checkpoint, resolve_token_layout)
 from cbsa_core.engine import (ConfigError, DistInfo, MustMatch, NonFiniteOutputError, OutputDir, RunFiles,
-                              WarmupCosineLambda, autocast_context, broadcast_object, build_lambda_scheduler,
+                              WarmupCosineLambda, broadcast_object, build_lambda_scheduler,
                               build_optimizer, check_output_dir, check_resume_consistency, cleanup_distributed,
                               evaluate_classifier, finite_float, fit, init_distributed, load_training_checkpoint,
                               make_eval_loader, make_grad_scaler, make_train_loader, model_settings_error,
                               non_negative_float, non_negative_int, parse_args_with_config, positive_float,
-                              positive_int, run_cli, seed_everything, setup_logging, unwrap_model,
-                              warn_if_single_class, wrap_ddp)
+                              positive_int, resolve_precision, run_cli, seed_everything, set_tf32, setup_logging,
+                              unwrap_model, warn_if_single_class, wrap_ddp)
 from cbsa_core.registry import ALIASES
 from image_classification.data import DATASETS, build_datasets
 
@@ -117,7 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens[:, :-1] pooling, or the corrected one (default: from the file; only the release's "
                         "own checkpoints imply the legacy layout)")
     p.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
-                   help="training autocast (default fp16 on CUDA, fp32 on CPU); validation is always fp32")
+                   help="training autocast (default: bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, "
+                        "fp32 on the CPU); validation is always fp32")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="let fp32 matrix products and convolutions on CUDA use TF32 tensor cores (validation, fp32 "
+                        "training); --no-tf32 keeps full fp32")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="multi-GPU runs: SyncBatchNorm in the convolutional stem, as released (global batch "
+                        "statistics; torch's SyncBatchNorm waits for the GPU once per BatchNorm layer and step, 4 "
+                        "times for CBT); --no-sync-bn keeps per-GPU statistics")
     p.add_argument("--clip-grad", type=positive_float, default=None, help="max grad norm (off by default, as released)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--dist-backend", default=None, help="process-group backend (default nccl on CUDA, gloo on CPU)")
@@ -211,12 +221,10 @@ def _local_world_size(dist_info: DistInfo) -> int:
 
 
 def _resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
-    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     try:
-        autocast_context(device, precision)  # refuses fp16 on CPU, bf16 on old GPUs
+        return resolve_precision(args.precision, device)  # refuses fp16 on CPU, bf16 on old GPUs
     except ValueError as e:
-        raise ConfigError(f"--precision {precision}: {e}") from None
-    return precision
+        raise ConfigError(f"--precision {args.precision}: {e}") from None
 
 
 def _check_output_dir(args: argparse.Namespace) -> OutputDir:
@@ -317,6 +325,7 @@ def _run(args: argparse.Namespace, dist_info: DistInfo) -> Dict[str, Any]:
     is_main = dist_info.is_main
     arch = canonical_arch(args.arch)
     precision = _resolve_precision(args, device)
+    set_tf32(args.tf32)
     if args.resume and not Path(args.resume).is_file():
         raise CheckpointError(f"--resume checkpoint not found: {args.resume}")
     if args.finetune and not Path(args.finetune).is_file():
@@ -374,7 +383,7 @@ def _run(args: argparse.Namespace, dist_info: DistInfo) -> Dict[str, Any]:
         if args.finetune and is_main:
             _LOG.warning("--finetune %s is not used: --resume %s provides the weights", args.finetune, args.resume)
         del saved
-    model = wrap_ddp(model, dist_info)
+    model = wrap_ddp(model, dist_info, sync_bn=args.sync_bn)
     optimizer = build_optimizer(args.optimizer, model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = build_lambda_scheduler(optimizer, WarmupCosineLambda(args.warmup_epochs, args.epochs))
     scaler = make_grad_scaler(device, precision)

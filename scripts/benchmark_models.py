@@ -6,16 +6,20 @@ image_size=S)``, ViT via ``timm.create_model('vit_*_patch16_224', img_size=S, pr
 neither resamples position embeddings per forward. In one run and with the same batch:
 
 * inference: ``model.eval()`` under ``torch.no_grad()``;
-* training: ``model.train()``, cross-entropy on random labels, ``backward()`` and an AdamW step;
+* training: ``model.train()``, cross-entropy on random labels, ``backward()`` and an optimizer step: AdamW by
+  default, or ``--optimizer recipe``: each model's training recipe, Lion (this project's multi-tensor one) for
+  CBT and AdamW for ViT, or ``lion`` for both;
 
 each timed as the minimum over ``--repeats`` steps after ``--warmup`` steps (CUDA: synchronised), with
-``--dtype bf16`` under ``torch.autocast``. Prints images/s and the CBT / ViT ratios per size (paper
-Table 7, 512² on a GPU: CBT-S 205 / 405 img/s against ViT-S 94 / 211, i.e. 2.2× training and 1.9×
-inference) and writes ``model_benchmark.csv`` to ``--out``.
+``--dtype bf16``/``fp16`` under ``torch.autocast`` (fp16 with a ``GradScaler``, as the fp16 recipe trains). On CUDA
+the peak memory of the training steps is reported too (``train_peak_mem_mb``). Prints images/s and the CBT / ViT
+ratios per size (paper Table 7, 512² on a GPU: CBT-S 205 / 405 img/s against ViT-S 94 / 211, i.e. 2.2× training
+and 1.9× inference) and writes ``model_benchmark.csv`` to ``--out``.
 
     python scripts/benchmark_models.py --out runs/bench_models                       # CPU, fp32, 224² and 512²
     python scripts/benchmark_models.py --device cuda --dtype bf16 --batch 64 --channels-last --out runs/gpu
     python scripts/benchmark_models.py --quick --out /tmp/bench                       # 2-layer models, 128²
+    python scripts/benchmark_models.py --device cuda --dtype bf16 --optimizer recipe --batch 32 --out runs/gpu
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cbsa_core
-from cbsa_core.engine.amp import autocast_context
+from cbsa_core.engine.amp import autocast_context, make_grad_scaler
+from cbsa_core.engine.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import output_dir, run_script, torch_threads, write_csv  # noqa: E402
@@ -45,7 +50,11 @@ MODELS: Dict[str, tuple] = {
 }
 PAIRS = (("cbt_tiny", "vit_tiny"), ("cbt_small", "vit_small"))
 CSV_COLUMNS = ("device", "dtype", "threads", "timer", "batch", "channels_last", "compile", "model", "size", "params_m",
-               "train_ms", "infer_ms", "train_img_s", "infer_img_s", "train_ratio_vs_vit", "infer_ratio_vs_vit")
+               "train_ms", "infer_ms", "train_img_s", "infer_img_s", "train_ratio_vs_vit", "infer_ratio_vs_vit",
+               "optimizer", "train_peak_mem_mb")
+# --optimizer recipe: what each family trains with (classification recipe: Lion; the timm ViTs: AdamW).
+RECIPE_OPTIMIZER = {"cbt": "lion", "vit": "adamw"}
+RECIPE_LR = {"lion": 2e-4, "adamw": 1e-3}
 CSV_NAME = "model_benchmark.csv"
 
 
@@ -67,7 +76,9 @@ def measure(name: str, size: int, args, device: torch.device) -> Dict:
     images = torch.randn(args.batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
     runner = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt_name = RECIPE_OPTIMIZER[MODELS[name][0]] if args.optimizer == "recipe" else args.optimizer
+    optimizer = build_optimizer(opt_name, model, lr=RECIPE_LR[opt_name], weight_decay=0.05)
+    scaler = make_grad_scaler(device, args.dtype)
 
     def infer():
         with torch.no_grad(), autocast_context(device, args.dtype):
@@ -77,18 +88,22 @@ def measure(name: str, size: int, args, device: torch.device) -> Dict:
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(device, args.dtype):
             loss = F.cross_entropy(runner(images), labels)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     model.eval()
     t_infer = time_min(infer, device, args.repeats, args.warmup, args.timer)
     model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t_train = time_min(train, device, args.repeats, args.warmup, args.timer)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return dict(device=device.type, dtype=args.dtype, threads=torch.get_num_threads(), timer=args.timer,
                 batch=args.batch,
                 channels_last=args.channels_last, compile=args.compile, model=name, size=size, params_m=params / 1e6,
                 train_ms=1e3 * t_train, infer_ms=1e3 * t_infer, train_img_s=args.batch / t_train,
-                infer_img_s=args.batch / t_infer)
+                infer_img_s=args.batch / t_infer, optimizer=opt_name, train_peak_mem_mb=peak)
 
 
 def add_ratios(rows: List[Dict]) -> None:
@@ -119,7 +134,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 runs under torch.autocast")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                    help="bf16/fp16 run under torch.autocast (fp16: CUDA only, with a GradScaler)")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "lion", "recipe"),
+                    help="training step's optimizer; recipe: Lion for CBT, AdamW for ViT")
     ap.add_argument("--batch", type=int, default=None, help="images per step, the same for every model (default 8)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default 224 512; quick 128)")
     ap.add_argument("--models", nargs="+", default=None, choices=tuple(MODELS),
@@ -147,6 +165,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             ap.error(f"--sizes {s}: image sizes must be multiples of 16 and >= 128 (CBT's 8x8 representative grid)")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
+    if args.dtype == "fp16" and args.device != "cuda":
+        ap.error("--dtype fp16 needs --device cuda (CPU autocast trains in bf16)")
     if args.timer == "cpu" and args.device == "cuda":
         ap.error("--timer cpu measures host CPU time; use the wall clock with --device cuda")
     if args.batch <= 0 or args.repeats <= 0 or args.warmup < 0:
@@ -164,15 +184,17 @@ def run(args: argparse.Namespace) -> List[Dict]:
     device = torch.device(args.device)
     out = output_dir(args.out)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# model benchmark: {name}, {args.dtype}, batch {args.batch}, channels_last={args.channels_last}, "
+    print(f"# model benchmark: {name}, {args.dtype}, optimizer {args.optimizer}, batch {args.batch}, "
+          f"channels_last={args.channels_last}, "
           f"compile={args.compile}, repeats {args.repeats}, {args.timer} timer, torch {torch.__version__}", flush=True)
     rows = []
     for size in args.sizes:
         for model in args.models:
             row = measure(model, size, args, device)
             rows.append(row)
-            print(f"#   {model:10s} {size}: train {row['train_img_s']:.2f} img/s, infer {row['infer_img_s']:.2f} img/s",
-                  flush=True)
+            peak = "" if row["train_peak_mem_mb"] is None else f", train peak {row['train_peak_mem_mb']:.0f} MiB"
+            print(f"#   {model:10s} {size}: train {row['train_img_s']:.2f} img/s ({row['optimizer']}), "
+                  f"infer {row['infer_img_s']:.2f} img/s{peak}", flush=True)
     add_ratios(rows)
     print(format_table(rows))
     for r in rows:

@@ -11,7 +11,9 @@ Recipe (config.yml / §1.3.4): SGD lr 1e-3, momentum 0.9 (Nesterov, as timm's 's
 ``--weight-decay`` spares norms, biases, pos_embed/cls_token/cls_emb, as timm's create_optimizer), polynomial
 decay (power 0.9) to 1e-5 stepped every iteration, 64 epochs, global batch 8, drop-path 0.1, cross-entropy
 ignoring 255, evaluation every 2 epochs with 512 windows and stride 512 (variants below the window upscaled to it,
-as in the release).
+as in the release), fp32 training (``--amp``: the GPU's mixed precision, bf16 where native, else fp16 +
+GradScaler; ``--precision`` chooses) with TF32 on (``--no-tf32``). The encoder's unused classifier head is frozen,
+so DDP runs without ``find_unused_parameters``.
 
 ``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume``, the default, continues from it exactly
 with the same settings), ``variant.yml`` (the release's description of the run), ``config.yaml`` (the settings
@@ -27,7 +29,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 if __package__ in (None, ""):
     # Run as a script from inside the folder: import the package from the repository root, and keep the
@@ -43,8 +45,9 @@ from cbsa_core.engine import (ConfigError, MustMatch, PolynomialLambda, RunFiles
                               build_lambda_scheduler, build_optimizer, check_output_dir, check_resume_consistency,
                               cleanup_distributed, finite_float, fit, init_distributed, load_training_checkpoint,
                               make_grad_scaler, make_train_loader, model_settings_error, non_negative_float,
-                              non_negative_int, parse_args_with_config, positive_float, positive_int, run_cli,
-                              seed_everything, setup_logging, unwrap_model, wrap_ddp)
+                              non_negative_int, parse_args_with_config, positive_float, positive_int,
+                              resolve_precision, run_cli, seed_everything, set_tf32, setup_logging, unwrap_model,
+                              wrap_ddp)
 from semantic_segmentation.data import DATASET_DEFAULTS, build_dataset, resolve_data_root
 from semantic_segmentation.decoders import DECODER_SUMMARIES, DECODERS
 from semantic_segmentation.encoder import BACKBONES, pretrained_weights_hint
@@ -103,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-freq", type=positive_int, default=None,
                    help="evaluate every N epochs and at the end (default 2)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
+                   help="mixed precision (off, as released): bf16 on GPUs with native bf16, fp16 + GradScaler on "
+                        "older GPUs, bf16 on the CPU")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "fp16", "bf16"),
+                   help="training precision, overriding --amp (auto: the --amp choice)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="let fp32 matrix products and convolutions on CUDA use TF32 tensor cores (the fp32 training "
+                        "of the release's recipe, evaluation); --no-tf32 keeps full fp32")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from LOG_DIR/checkpoint.pth when it exists (with the same settings)")
     p.add_argument("--overwrite", action="store_true",
@@ -213,32 +222,69 @@ def model_config_from_args(args: argparse.Namespace, settings: Dict[str, Any]) -
         raise ConfigError(f"--backbone {args.backbone} --decoder {args.decoder}: {e}") from None
 
 
+def _param_group_names(model: nn.Module, weight_decay: float, include_frozen: bool = False) -> List[List[str]]:
+    """The parameter names of each group of :func:`optimizer_param_groups` (``include_frozen``: the layout from
+    before the encoder's unused heads were frozen, which holds them too)."""
+    params = [(n, p) for n, p in model.named_parameters() if include_frozen or p.requires_grad]
+    if not weight_decay:
+        return [[n for n, _ in params]]
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    no_decay = [n for n, p in params if p.ndim <= 1 or n.endswith(".bias") or n in skip]
+    exempt = set(no_decay)
+    return [no_decay, [n for n, _ in params if n not in exempt]]
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """The release's parameter groups (timm 0.4.12 ``create_optimizer`` with ``filter_bias_and_bn``).
+    """The release's parameter groups (timm 0.4.12 ``create_optimizer`` with ``filter_bias_and_bn``), without the
+    frozen parameters (the encoder's unused classifier head).
 
     With ``weight_decay > 0``: 1-D parameters (norms, biases), ``*.bias`` and the model's ``no_weight_decay()``
     names (``encoder.pos_embed``, ``encoder.cls_token``, ``decoder.cls_emb``) go into a first group without decay,
-    everything else (weights, the CBSA step sizes (H, 1, 1)) into a second with ``weight_decay``; frozen
-    parameters are left out. With ``weight_decay == 0`` one group of all parameters, as timm builds it.
+    everything else (weights, the CBSA step sizes (H, 1, 1)) into a second with ``weight_decay``. With
+    ``weight_decay == 0`` one group of all trained parameters, as timm builds it.
     """
-    if not weight_decay:
-        return [dict(params=list(model.parameters()), weight_decay=0.0)]
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=float(weight_decay))]
+    by_name = dict(model.named_parameters())
+    groups = _param_group_names(model, weight_decay)
+    decays = [0.0] if len(groups) == 1 else [0.0, float(weight_decay)]
+    return [dict(params=[by_name[n] for n in names], weight_decay=wd) for names, wd in zip(groups, decays)]
 
 
-def _precision(args: argparse.Namespace, device: torch.device) -> str:
-    if not args.amp:
-        return "fp32"
-    return "fp16" if device.type == "cuda" else "bf16"
+def adapt_optimizer_state(model: nn.Module, weight_decay: float) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+    """For :func:`~cbsa_core.engine.load_training_checkpoint`: an optimizer state saved before the encoder's unused
+    heads were frozen (its groups hold them; their entries are empty, as they never had a gradient) is renumbered to
+    the current groups, so such runs resume. A state of the current layout, or of neither, is returned unchanged
+    (loading then reports any mismatch)."""
+    now = _param_group_names(model, weight_decay)
+    before = _param_group_names(model, weight_decay, include_frozen=True)
+
+    def adapt(state: Dict[str, Any]) -> Dict[str, Any]:
+        sizes = [len(g.get("params", [])) for g in state.get("param_groups", [])]
+        if sizes == [len(g) for g in now] or sizes != [len(g) for g in before] or now == before:
+            return state
+        old_names = [n for group in before for n in group]
+        new_index = {n: i for i, n in enumerate(n for group in now for n in group)}
+        groups = [dict(g, params=[new_index[n] for n in names if n in new_index])
+                  for g, names in zip(state["param_groups"], before)]
+        kept = {new_index[old_names[int(k)]]: v for k, v in state.get("state", {}).items()
+                if old_names[int(k)] in new_index}
+        _LOG.info("optimizer state written before the encoder's unused heads were frozen: renumbered without them")
+        return dict(state, state=kept, param_groups=groups)
+
+    return adapt
+
+
+def resolve_training_precision(args: argparse.Namespace, device: torch.device) -> str:
+    """``--precision`` when given; otherwise ``--amp``: the device's default mixed precision (bf16 on GPUs with
+    native bf16, fp16 + GradScaler on older GPUs, bf16 on the CPU), or fp32 without it (the release's default)."""
+    if args.precision == "auto" or (args.precision is None and args.amp):
+        requested = "auto" if device.type == "cuda" else "bf16"
+    else:
+        requested = args.precision or "fp32"
+    try:
+        return resolve_precision(requested, device)
+    except ValueError as e:
+        flag = f"--precision {args.precision}" if args.precision is not None else "--amp"
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 def _recorded_settings(saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -342,7 +388,8 @@ def _train(args: argparse.Namespace, settings: Dict[str, Any], model_config: Dic
     n_eval = len(val_set) if args.eval_max_images is None else min(args.eval_max_images, len(val_set))
     # The labels the evaluations will score, read now: a bad one would otherwise surface after a training epoch.
     val_set.check_labels(ShardedEvalSampler(n_eval, dist_info.rank, dist_info.world_size))
-    precision = _precision(args, device)
+    precision = resolve_training_precision(args, device)
+    set_tf32(args.tf32)
     if settings["batch_size"] % dist_info.world_size:
         raise ConfigError(f"--batch-size {settings['batch_size']} does not divide over "
                           f"{dist_info.world_size} processes")
@@ -351,7 +398,9 @@ def _train(args: argparse.Namespace, settings: Dict[str, Any], model_config: Dic
     seed_everything(args.seed, dist_info.rank)
     model = create_segmenter(model_config, pretrained_file=None if resuming or args.from_scratch
                              else args.pretrained_file)
-    model = wrap_ddp(model, dist_info, sync_bn=False, find_unused_parameters=True)  # encoder.head is unused
+    # The encoder's unused heads are frozen (Segmenter): every trained parameter gets a gradient, so DDP needs no
+    # find_unused_parameters (a graph traversal per step).
+    model = wrap_ddp(model, dist_info, sync_bn=False)
     net = unwrap_model(model)
     # Each group carries its own weight decay (timm likewise passes 0 as the optimizer default).
     optimizer = build_optimizer(args.optimizer, optimizer_param_groups(net, args.weight_decay),
@@ -373,7 +422,8 @@ def _train(args: argparse.Namespace, settings: Dict[str, Any], model_config: Dic
                                                              steps_per_epoch), args)
         pretrained = (saved.get("config") or {}).get("pretrained_file")  # what the resumed weights came from
         del saved
-        ckpt = load_training_checkpoint(ckpt_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        ckpt = load_training_checkpoint(ckpt_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                        adapt_optimizer_state=adapt_optimizer_state(net, args.weight_decay))
         start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
         _LOG.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
 

@@ -32,7 +32,8 @@ from .encoder import BACKBONES, SegmenterViT, create_encoder, load_pretrained_en
 from .pretrained import read_pretrained_folder
 from .release_checkpoints import config_from_release_checkpoint, read_variant
 
-__all__ = ["ARCH", "Segmenter", "default_model_config", "check_rep_grid", "create_segmenter", "load_model",
+__all__ = ["ARCH", "UNUSED_ENCODER_MODULES", "Segmenter",
+           "default_model_config", "check_rep_grid", "create_segmenter", "load_model",
            "read_variant", "pad_to_patch", "config_from_release_checkpoint", "config_from_authors_checkpoint",
            "resolve_model_config"]
 
@@ -56,8 +57,17 @@ def pad_to_patch(im: torch.Tensor, patch_size: int, fill_value: float = 0.0) -> 
     return F.pad(im, (0, pad_w, 0, pad_h), value=fill_value)
 
 
+# The encoder's ImageNet classifier heads: forward never uses them (the decoder reads the tokens after the final LN).
+UNUSED_ENCODER_MODULES = ("head", "head_dist")
+
+
 class Segmenter(nn.Module):
-    """Encoder-decoder segmentation model. ``forward(im (B, 3, H, W)) -> logits (B, n_cls, H, W)``."""
+    """Encoder-decoder segmentation model. ``forward(im (B, 3, H, W)) -> logits (B, n_cls, H, W)``.
+
+    The encoder's classifier heads (:data:`UNUSED_ENCODER_MODULES`) are frozen (``requires_grad=False``): they get
+    no gradient, so no optimizer holds them and DDP runs without ``find_unused_parameters`` (which the release
+    needed for them, docs/authors-release.md §1.3.5). They stay in the state dict, so every checkpoint layout
+    loads and saves unchanged."""
 
     arch = ARCH
 
@@ -70,6 +80,14 @@ class Segmenter(nn.Module):
         self.n_cls = decoder.n_cls
         self.patch_size = encoder.patch_size
         self.model_config: Dict[str, Any] = copy.deepcopy(dict(model_config))
+        for name in UNUSED_ENCODER_MODULES:
+            module = getattr(encoder, name, None)
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+
+    def frozen_parameter_names(self) -> List[str]:
+        """Names of the parameters that are frozen (never trained): the encoder's unused heads."""
+        return [name for name, p in self.named_parameters() if not p.requires_grad]
 
     def no_weight_decay(self):
         return ({f"encoder.{n}" for n in self.encoder.no_weight_decay()}

@@ -329,13 +329,29 @@ def test_nonfinite_loss_stops_before_step(tmp_path):
 
     last = tmp_path / "last.pth"
     last.write_bytes(b"kept")
+    # print_freq 1: the loss is read at every step, so the run stops before the bad update.
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 3, step 2: stopping; the last good "
                                                  r"checkpoint is kept at .*last\.pth") as info:
-        train_one_epoch(model, _loader(ds, 0), nan_at_third, opt, epoch=3, device="cpu", checkpoint_path=last)
-    assert (info.value.epoch, info.value.step) == (3, 2)
+        train_one_epoch(model, _loader(ds, 0), nan_at_third, opt, epoch=3, device="cpu", checkpoint_path=last,
+                        print_freq=1)
+    assert (info.value.epoch, info.value.step, info.value.checked) == (3, 2, (2, 2))
     assert len(snapshots) == 2  # two good steps, no step on the nan loss
     for k, v in model.named_parameters():  # (BatchNorm buffers did see the failing forward)
         assert torch.equal(v, snapshots[-1][k]) and torch.isfinite(v).all()
+
+    # The default print interval (50 > the 4 steps): the loss is read at step 0 and at the last step (3). The nan
+    # of step 2 is found there, named with the steps that check covered, before step 3's update.
+    seed_everything(0)
+    model = Tiny()
+    opt = build_optimizer("sgd", model, lr=0.1, weight_decay=0.0)
+    snapshots.clear()
+    opt.register_step_post_hook(lambda o, args, kwargs: snapshots.append(1))
+    calls["n"] = 0
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 3, step 2 \(found when steps 1-3 were "
+                                                 r"checked\): stopping; the last good checkpoint is kept") as info:
+        train_one_epoch(model, _loader(ds, 0), nan_at_third, opt, epoch=3, device="cpu", checkpoint_path=last)
+    assert (info.value.step, info.value.checked) == (2, (1, 3))
+    assert len(snapshots) == 3 and calls["n"] == 4  # steps 0-2 updated, step 3 stopped before its backward
 
     # nan on the very first step: the weights are untouched.
     model = Tiny()
@@ -434,7 +450,7 @@ def test_sharded_eval_sampler_exact_cover(world_size, n):
 
 # ------------------------------------------------------------------------------------------- optim / amp
 def test_build_optimizer():
-    from lion_pytorch import Lion
+    from cbsa_core.engine import Lion
 
     model = Tiny()
     n_params = len(list(model.parameters()))

@@ -640,7 +640,9 @@ def test_representative_grid_larger_than_the_crop_grid_fails_early(toy_root, tmp
 def test_weight_decay_groups_follow_timm_create_optimizer():
     model = tiny_model()
     (single,) = seg_main.optimizer_param_groups(model, 0.0)  # wd 0: one group, as timm (and the release) builds it
-    assert single["params"] == list(model.parameters()) and single["weight_decay"] == 0.0
+    # ... of every parameter but the encoder's unused (frozen) classifier head
+    assert single["params"] == [p for n, p in model.named_parameters() if not n.startswith("encoder.head.")]
+    assert single["weight_decay"] == 0.0 and not model.encoder.head.weight.requires_grad
     model.decoder.net.layers[0].norm.weight.requires_grad_(False)  # frozen: left out, as timm does
     no_decay, decay = seg_main.optimizer_param_groups(model, 0.05)
     assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)

@@ -429,7 +429,7 @@ def test_every_decoder_trains_a_step_and_evaluates_through_the_clis(small_ade, t
     # the one SGD step reached every decoder parameter: each has a non-zero momentum buffer
     ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
     state = ckpt["optimizer"]["state"]
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's (no frozen encoder head)
     decoder_idx = [i for i, n in enumerate(names) if n.startswith("decoder.")]
     assert decoder_idx and all(i in state and state[i]["momentum_buffer"].abs().sum() > 0 for i in decoder_idx)
     assert seg_eval.main([str(run / "checkpoint.pth"), "ade20k", "--data-root", str(small_ade), "--singlescale",

@@ -1,17 +1,55 @@
-"""Mixed precision: an autocast context for the forward + loss, and a GradScaler for CUDA fp16.
+"""Numeric modes of training: the autocast precision, the GradScaler for CUDA fp16, and TF32 for fp32 maths.
 
-The release trains in fp16 autocast with a GradScaler and validates in fp32 (official-code.md item 16).
+The release trains in fp16 autocast with a GradScaler and validates in fp32 (docs/authors-release.md item 16).
+Defaults here (:func:`default_precision`): bf16 on GPUs with native bf16 (compute capability 8.0 and later: A100,
+H100, H200, L40, RTX 30xx and newer), whose range is fp32's, so no loss scaling is needed and no step is skipped;
+fp16 + GradScaler on older GPUs; fp32 on the CPU. TF32 (:func:`set_tf32`, on by default in every track) lets the
+fp32 matrix products and convolutions that remain (validation, the fp32 segmentation recipe, autocast's fp32 ops)
+use the tensor cores with a 10-bit mantissa; ``--no-tf32`` restores full fp32.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Dict, Optional
 
 import torch
 
-__all__ = ["PRECISIONS", "check_precision", "autocast_context", "make_grad_scaler"]
+__all__ = ["PRECISIONS", "check_precision", "default_precision", "resolve_precision", "autocast_context",
+           "make_grad_scaler", "set_tf32"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def default_precision(device: torch.device | str) -> str:
+    """The training precision used when none is asked for: ``bf16`` on a CUDA device with native bf16
+    (compute capability >= 8.0), ``fp16`` on other CUDA devices, ``fp32`` elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    with torch.cuda.device(device):
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16" if native_bf16 else "fp16"
+
+
+def resolve_precision(requested: Optional[str], device: torch.device | str) -> str:
+    """``requested`` (``None``/``"auto"``: :func:`default_precision`) checked against ``device``; raises
+    ``ValueError`` for fp16 on the CPU and bf16 on a GPU without it."""
+    precision = default_precision(device) if requested in (None, "auto") else check_precision(requested)
+    autocast_context(device, precision)  # refuses what the device cannot run
+    return precision
+
+
+def set_tf32(enabled: bool) -> Dict[str, bool]:
+    """Allow (or forbid) TF32 in CUDA matrix products and cuDNN convolutions for this process; returns the
+    settings as recorded in a run's config.
+
+    Uses the ``allow_tf32`` switches (``torch.set_float32_matmul_precision("high")`` is the same thing for matmuls).
+    Nothing changes on the CPU, where the switches have no effect.
+    """
+    enabled = bool(enabled)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return {"tf32": enabled, "cuda_matmul_allow_tf32": enabled, "cudnn_allow_tf32": enabled}
 
 
 def check_precision(precision: str) -> str:

@@ -1,7 +1,9 @@
 """The NaN/Inf policy of every run: what stops it, and what its message says was kept.
 
-* Training loss: checked at every step before backward (:func:`cbsa_core.engine.loop.train_one_epoch`), so the
-  bad update never happens.
+* Training loss: kept on the device and checked at every progress line, before that step's backward
+  (:func:`cbsa_core.engine.loop.train_one_epoch`, :mod:`cbsa_core.engine.step_stats`): the run stops at the first
+  check after the loss went non-finite, and the message names that step and the steps the check covered. Reading
+  the loss at every step would make the host wait for the GPU at every step.
 * Validation / evaluation outputs: the evaluators count the images whose outputs are not finite and raise
   :class:`NonFiniteOutputError` (after summing the count over all ranks, so every rank stops together). The
   argmax of NaN logits is class 0, so such a model would otherwise get a made-up accuracy.
@@ -64,18 +66,26 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteLossError(NonFiniteError):
-    """The training loss became NaN/inf; raised before backward and the optimizer step, so the parameters and
-    optimizer state are those of the last good step. (BatchNorm running statistics have seen the failing forward:
-    resume from the last checkpoint rather than saving this model.)"""
+    """The training loss became NaN/inf at ``step`` of ``epoch``.
+
+    The loss is read from the device once per print interval: ``checked`` = ``(first, last)`` are the steps that
+    check covered. It is raised before the backward of step ``last``: when ``step == last`` (a loss that went bad at
+    a check step, e.g. the first step of an epoch) the parameters are those of the previous step; otherwise steps
+    ``step .. last - 1`` were applied with the bad loss. Either way nothing of this epoch is saved: resume from the
+    last checkpoint."""
 
     event = "non_finite_loss"
 
-    def __init__(self, epoch: int, step: int, value: float, checkpoint: str | os.PathLike | None = None) -> None:
+    def __init__(self, epoch: int, step: int, value: float, checkpoint: str | os.PathLike | None = None,
+                 checked: Optional[tuple[int, int]] = None) -> None:
         self.epoch = epoch
         self.step = step
         self.value = value
         self.checkpoint = checkpoint
-        super().__init__(f"loss is {value} at epoch {epoch}, step {step}: stopping", kept_checkpoint_note(checkpoint))
+        self.checked = (step, step) if checked is None else (int(checked[0]), int(checked[1]))
+        first, last = self.checked
+        where = f"step {step}" if first == last else f"step {step} (found when steps {first}-{last} were checked)"
+        super().__init__(f"loss is {value} at epoch {epoch}, {where}: stopping", kept_checkpoint_note(checkpoint))
 
 
 class NonFiniteOutputError(NonFiniteError):
@@ -104,9 +114,20 @@ class NonFiniteParametersError(NonFiniteError):
 
 
 def non_finite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``model`` that hold a NaN or infinity."""
-    return [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+    """Names of the floating-point parameters and buffers of ``model`` that hold a NaN or infinity.
+
+    One host read per device for the whole model (not one per tensor)."""
+    named = [(name, t) for name, t in list(model.named_parameters()) + list(model.named_buffers())
+             if t.is_floating_point()]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(named)
+    for indices in by_device.values():
+        flags = torch.stack([torch.isfinite(named[i][1].detach()).all() for i in indices]).tolist()
+        for i, ok in zip(indices, flags):
+            finite[i] = bool(ok)
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def count_non_finite_rows(output: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The training and evaluation loops shared by the classification and ViT fine-tuning tracks.
 
 Release semantics (official-code.md §1.1.5–1.1.6): autocast around forward + loss only, ``GradScaler`` for fp16,
-no clipping unless asked (item 14), no gradient accumulation, evaluation in fp32 (item 16). Additions: a non-finite
-loss stops the run before the bad update, an evaluation with non-finite outputs stops instead of scoring them
-(:mod:`.finite`), and every reported metric is summed over all ranks (the release did not all-reduce train top-1).
+no clipping unless asked (item 14), no gradient accumulation, evaluation in fp32 (item 16). Additions: no device
+value is read between progress lines (:mod:`.step_stats`), a non-finite loss stops the run at the next progress
+line, an evaluation with non-finite outputs stops instead of scoring them (:mod:`.finite`), and every reported
+metric is summed over all ranks (the release did not all-reduce train top-1).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .finite import NonFiniteLossError, NonFiniteOutputError, count_non_finite_r
 from .distributed import (DistInfo, all_reduce_sum, broadcast_buffers, collective_device, get_rank,
                           get_world_size, is_dist_initialized, unwrap_model)
 from .meters import MetricLogger, accuracy
+from .step_stats import MAX_WINDOW, StepRecord, StepWindow
 
 __all__ = ["NonFiniteLossError", "NonFiniteOutputError", "default_unpack_batch", "train_one_epoch",
            "evaluate_classifier"]
@@ -54,13 +56,22 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[tor
                     unpack_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = default_unpack_batch) -> dict:
     """Train for one pass over ``loader`` (or ``max_steps`` steps) and return epoch metrics summed over ranks.
 
-    Per step: forward + loss under autocast -> finiteness check (all ranks agree, so none is left waiting in a
-    collective) -> ``zero_grad(set_to_none=True)`` -> backward (scaled when ``scaler`` is enabled) -> optional
+    Per step: forward + loss under autocast -> the loss, batch size and top-1 count queued on the device
+    (:class:`~cbsa_core.engine.step_stats.StepWindow`) -> at a progress step (every ``print_freq`` steps, and the
+    last), ONE host read of the queued steps (all-reduced over ranks, so every rank stops together) and the
+    non-finite check -> ``zero_grad(set_to_none=True)`` -> backward (scaled when ``scaler`` is enabled) -> optional
     grad-norm clipping (after unscaling) -> optimizer step -> ``scheduler_per_iter.step()`` if given (segmentation;
-    per-epoch schedules are stepped by the caller).
+    per-epoch schedules are stepped by the caller) -> the progress line.
 
-    ``log_fn(metrics, global_step)`` is called at each progress line (e.g. TensorBoard). ``checkpoint_path`` (the
-    run's last checkpoint) is only named in the :class:`NonFiniteLossError` message, which says whether it exists.
+    Nothing else reads a device value during the epoch, so the host never waits for the GPU between progress
+    lines. (torch's ``GradScaler.step``, used for fp16, reads its inf/NaN flag at every step: bf16 needs no scaler.)
+    A non-finite loss raises :class:`NonFiniteLossError` at the first check after it, before that step's backward,
+    naming the step where it first appeared and the steps that check covered; the step-0 check means a run whose
+    first loss is already bad changes no weight.
+
+    ``log_fn(metrics, global_step)`` is called at each progress line (e.g. TensorBoard) with the step's loss and
+    top-1 averaged over all ranks. ``checkpoint_path`` (the run's last checkpoint) is only named in the
+    :class:`NonFiniteLossError` message, which says whether it exists.
 
     Returns ``{"loss", "top1" (percent, or None), "lr" (of the last step), "images_per_sec" (all ranks),
     "num_images", "steps", "epoch_time"}``.
@@ -82,12 +93,26 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[tor
         total = max_steps if total is None else min(total, max_steps)
     header = f"Epoch [{epoch}/{epochs}]" if epochs is not None else f"Epoch [{epoch}]"
     progress = MetricLogger(total, header=header, print_freq=print_freq, enabled=main)
+    window = StepWindow(min(progress.print_freq, total or progress.print_freq, MAX_WINDOW), device, distributed)
+    sums = {"loss": 0.0, "images": 0.0, "correct": 0.0, "acc_images": 0.0}
+
+    def check() -> list[StepRecord]:
+        """Read the queued steps; raise at the first non-finite loss; add them to the epoch sums."""
+        records = window.read()
+        for r in records:
+            if not r.finite:
+                value = r.local_loss if not math.isfinite(r.local_loss) else r.mean_loss
+                raise NonFiniteLossError(epoch, r.step, value, checkpoint_path,
+                                         checked=(records[0].step, records[-1].step))
+        for r in records:
+            sums["loss"] += r.loss_sum
+            sums["images"] += r.images
+            if r.has_accuracy:
+                sums["correct"] += r.correct
+                sums["acc_images"] += r.images
+        return records
 
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n_images = 0
-    acc_images = 0
     lr = optimizer.param_groups[0]["lr"]
     steps = 0
     start = time.perf_counter()
@@ -104,16 +129,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[tor
             output = model(images)
             loss = criterion(output, target)
 
-        # One scalar all-reduce per step: a NaN on any rank stops every rank at the same step (a lone raising
-        # rank would leave the others hanging in the backward all-reduce).
-        # clone: .float() of an fp32 loss is the same storage, and the all-reduce below works in place.
-        check = loss.detach().float().reshape(1).clone()
-        if distributed:
-            check = all_reduce_sum(check.to(collective_device()))
-        if not bool(torch.isfinite(check).all()):
-            local = loss.detach().float().item()
-            raise NonFiniteLossError(epoch, step, local if not math.isfinite(local) else float(check.item()),
-                                     checkpoint_path)
+        correct = None
+        if compute_accuracy and _is_classification(output, target):
+            (correct,) = accuracy(output.detach(), target, topk=(1,))
+        window.record(step, loss, bs, correct)
+        show = progress.due(step)
+        # Checked before this step's backward, so a loss that is bad at a check step never updates the weights.
+        records = check() if show or window.full else []
 
         optimizer.zero_grad(set_to_none=True)
         if use_scaler:
@@ -131,31 +153,28 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[tor
         if scheduler_per_iter is not None:
             scheduler_per_iter.step()
 
-        loss_val = loss.detach().double()
-        loss_sum += loss_val * bs
-        n_images += bs
-        values: dict[str, Any] = {"loss": loss_val}
-        if compute_accuracy and _is_classification(output, target):
-            (c1,) = accuracy(output.detach(), target, topk=(1,))
-            correct += c1
-            acc_images += bs
-            values["acc1"] = 100.0 * c1.item() / bs
-        values["lr"] = lr
         steps = step + 1
-        line = progress.update(step, bs, **values)
-        if line is not None and log_fn is not None:
-            per_epoch = total if total is not None else 0
-            log_fn({k: float(v) for k, v in values.items()}, epoch * per_epoch + step)
+        progress.advance(step, bs)
+        if show:
+            last = records[-1]
+            values: dict[str, float] = {"loss": last.mean_loss}
+            progress.set_meter("loss", last.mean_loss, sums["loss"], int(sums["images"]))
+            if last.has_accuracy and last.images:
+                values["acc1"] = 100.0 * last.correct / last.images
+                progress.set_meter("acc1", values["acc1"], 100.0 * sums["correct"], int(sums["acc_images"]))
+            values["lr"] = lr
+            progress.set_meter("lr", lr, lr, 1)
+            line = progress.emit(step)
+            if line is not None and log_fn is not None:
+                per_epoch = total if total is not None else 0
+                log_fn(values, epoch * per_epoch + step)
+    check()  # steps left unread (a loader without len())
 
     elapsed = time.perf_counter() - start
-    totals = torch.stack([loss_sum, correct.double(),
-                          torch.tensor(float(n_images), dtype=torch.float64, device=device),
-                          torch.tensor(float(acc_images), dtype=torch.float64, device=device)])
-    totals = all_reduce_sum(totals.to(collective_device()) if distributed else totals).cpu()
-    g_loss, g_correct, g_images, g_acc_images = (float(v) for v in totals)
+    g_images = sums["images"]
     return {
-        "loss": g_loss / g_images if g_images else float("nan"),
-        "top1": 100.0 * g_correct / g_acc_images if g_acc_images else None,
+        "loss": sums["loss"] / g_images if g_images else float("nan"),
+        "top1": 100.0 * sums["correct"] / sums["acc_images"] if sums["acc_images"] else None,
         "lr": float(lr),
         "images_per_sec": g_images / elapsed if elapsed > 0 else float("nan"),
         "num_images": int(g_images),
@@ -184,6 +203,8 @@ def evaluate_classifier(model: nn.Module, loader: Iterable,
 
     Raises :class:`NonFiniteOutputError` (on every rank: the count is summed first) when any image's logits hold a
     NaN/inf, or when the mean loss is not finite: the argmax of NaN logits is class 0, a made-up accuracy.
+
+    The sums stay on the device until the end (one host read), except at the printed progress lines.
     """
     precision = check_precision(precision)
     device = torch.device(device)
@@ -215,19 +236,23 @@ def evaluate_classifier(model: nn.Module, loader: Iterable,
         sums[2] += count_non_finite_rows(output)
         for i, c in enumerate(counts):
             sums[3 + i] += c
-        progress.update(step, bs, loss=loss)
+        progress.advance(step, bs)
+        if progress.enabled and progress.due(step):  # read only for a printed line
+            last, total_loss, seen = torch.stack([loss.detach().double(), sums[0], sums[1]]).tolist()
+            progress.set_meter("loss", last, total_loss, int(seen))
+            progress.emit(step)
     net.train(was_training)
 
     if distributed:
         sums = all_reduce_sum(sums.to(collective_device()))
-    sums = sums.cpu()
-    n = int(sums[1].item())
+    values = sums.tolist()  # the one read of the evaluation
+    n = int(values[1])
     if n == 0:
         raise ValueError("evaluate_classifier saw no images (empty validation set?)")
-    result = {"loss": float(sums[0]) / n, "num_images": n}
-    bad = int(sums[2].item())
+    result = {"loss": values[0] / n, "num_images": n}
+    bad = int(values[2])
     if bad or not math.isfinite(result["loss"]):
         raise NonFiniteOutputError("evaluation", bad, n, loss=result["loss"])
     for i, k in enumerate(topk):
-        result[f"top{k}"] = 100.0 * float(sums[3 + i]) / n
+        result[f"top{k}"] = 100.0 * values[3 + i] / n
     return result

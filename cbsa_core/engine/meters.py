@@ -35,6 +35,11 @@ class AverageMeter:
         self.sum += val * n
         self.count += n
 
+    def set(self, val: float, total: float, count: int) -> None:
+        """Set the last value and the running ``sum``/``count`` directly (statistics accumulated elsewhere, e.g. on
+        the device and read once per print interval)."""
+        self.val, self.sum, self.count = float(val), float(total), int(count)
+
     @property
     def avg(self) -> float:
         return self.sum / self.count if self.count else 0.0
@@ -76,7 +81,8 @@ def format_eta(seconds: float) -> str:
 class MetricLogger:
     """Smoothed meters plus an ETA / throughput progress line every ``print_freq`` steps (and at the last step).
 
-    ``update(step, n, **values)`` records one step of ``n`` images. Meters named ``lr`` print as ``2.0e-04``;
+    ``update(step, n, **values)`` records one step of ``n`` images (or, without reading device values every step:
+    ``advance`` each step, then ``set_meter`` and ``emit`` when ``due``). Meters named ``lr`` print as ``2.0e-04``;
     others as ``last (mean)``. ``img/s`` is this process's rate since the previous line. Use
     :meth:`add_meter` to choose another format.
     """
@@ -103,19 +109,41 @@ class MetricLogger:
         self.meters.setdefault(name, AverageMeter(name))
         self.formats[name] = fmt
 
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) prints a line: every ``print_freq`` steps from the first, and the last."""
+        return step % self.print_freq == 0 or (self.total_steps is not None and step + 1 >= self.total_steps)
+
     def update(self, step: int, n: int = 1, **values: float | torch.Tensor) -> str | None:
-        """Record step ``step`` (0-based) of ``n`` images; returns the printed line, if one was due."""
+        """Record step ``step`` (0-based) of ``n`` images; returns the printed line, if one was due.
+
+        Every value is converted with ``float()``: a tensor on a GPU is read at every step. Loops that keep their
+        statistics on the device call :meth:`advance` each step and :meth:`set_meter` + :meth:`emit` when
+        :meth:`due` instead."""
         for name, v in values.items():
-            if name not in self.meters:
-                self.add_meter(name, self.LR_FMT if name == "lr" else self.DEFAULT_FMT)
-            self.meters[name].update(v, n)
+            self._meter(name).update(v, n)
+        self.advance(step, n)
+        if self.due(step):
+            return self.emit(step)
+        return None
+
+    def advance(self, step: int, n: int = 1) -> None:
+        """Count step ``step`` of ``n`` images (for the rate and the ETA) without touching the meters."""
         self.images += n
         self._window_images += n
         self.steps = step + 1
-        last = self.total_steps is not None and step + 1 >= self.total_steps
-        if step % self.print_freq == 0 or last:
-            return self._emit(step)
-        return None
+
+    def set_meter(self, name: str, val: float, total: float, count: int) -> None:
+        """Set meter ``name`` (created on first use) to last value ``val`` and mean ``total / count``."""
+        self._meter(name).set(val, total, count)
+
+    def emit(self, step: int) -> str | None:
+        """Print (when enabled) and return the progress line of step ``step``; restarts the rate window."""
+        return self._emit(step)
+
+    def _meter(self, name: str) -> AverageMeter:
+        if name not in self.meters:
+            self.add_meter(name, self.LR_FMT if name == "lr" else self.DEFAULT_FMT)
+        return self.meters[name]
 
     def line(self, step: int) -> str:
         now = time.perf_counter()

@@ -1,7 +1,9 @@
 """Optimizers of the release: Lion (classification, ViT), AdamW (alternative), SGD (segmentation).
 
 All parameters go into ONE group, so weight decay hits everything (norms, biases, pos/cls, step sizes): the
-release never consults ``no_weight_decay()`` (official-code.md item 15).
+release never consults ``no_weight_decay()`` (official-code.md item 15). Lion is this project's multi-tensor
+implementation (:mod:`.lion`), bit-exact with the release's lion-pytorch and state-compatible with it; AdamW and SGD
+are torch's, whose multi-tensor (``foreach``) path torch already picks on CUDA.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .lion import Lion
+
 __all__ = ["OPTIMIZERS", "build_optimizer"]
 
 OPTIMIZERS = ("lion", "adamw", "sgd")
@@ -17,7 +21,8 @@ OPTIMIZERS = ("lion", "adamw", "sgd")
 
 def build_optimizer(name: str, params_or_model: nn.Module | Iterable[torch.nn.Parameter], lr: float,
                     weight_decay: float, momentum: float = 0.9, nesterov: bool = True) -> torch.optim.Optimizer:
-    """Build ``lion`` (betas 0.9/0.99, ``p *= 1 - lr*wd``), ``adamw`` (betas 0.9/0.999) or ``sgd``.
+    """Build ``lion`` (:class:`~cbsa_core.engine.lion.Lion`, betas 0.9/0.99, ``p *= 1 - lr*wd``), ``adamw``
+    (betas 0.9/0.999) or ``sgd``.
 
     ``momentum``/``nesterov`` apply to SGD only (segmentation: momentum 0.9, Nesterov, wd 0).
     """
@@ -28,8 +33,6 @@ def build_optimizer(name: str, params_or_model: nn.Module | Iterable[torch.nn.Pa
     if not params:
         raise ValueError("build_optimizer got no parameters")
     if key == "lion":
-        from lion_pytorch import Lion  # imported lazily: only the Lion tracks need the package
-
         return Lion(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     if key == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)

@@ -5,7 +5,7 @@ a non-finite model (see :mod:`.finite`)::
 
     seed_everything(epoch_seed(seed, epoch, rank))      augmentation stream = f(seed, epoch, rank) only
     train_sampler.set_epoch(epoch), dataset.set_epoch   data order and augmentation = f(seed, epoch) only
-    train_one_epoch(...)                                NaN/Inf loss -> NonFiniteLossError before the update
+    train_one_epoch(...)                                NaN/Inf loss -> NonFiniteLossError at the next check
     evaluator(model)        (every eval_freq epochs)    non-finite outputs or loss -> NonFiniteOutputError
     scheduler.step()        (per-epoch schedules)       the release's per-epoch LambdaLR
     parameters checked finite                           otherwise NonFiniteParametersError, nothing saved
@@ -267,7 +267,9 @@ def fit(model: nn.Module, *, train_loader: DataLoader, criterion: Callable, opti
                       "val": val}
     except NonFiniteError as e:
         e.with_kept(kept_checkpoint_note(last_path))
+        checked = getattr(e, "checked", None)
         jsonl.log({"event": e.event, "epoch": getattr(e, "epoch", epoch), "step": getattr(e, "step", None),
+                   "checked_steps": None if checked is None else list(checked),
                    "value": getattr(e, "value", None), "message": str(e),
                    "checkpoint": str(last_path) if last_path.is_file() else None})
         raise

@@ -24,7 +24,7 @@ import logging
 import os
 import random
 from pathlib import Path, PurePath
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -159,13 +159,16 @@ def save_training_checkpoint(path: str | os.PathLike, *, model: nn.Module, arch:
 def load_training_checkpoint(path: str | os.PathLike, *, model: nn.Module,
                              optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
                              scaler: torch.amp.GradScaler | None = None, restore_rng: bool = True,
-                             strict: bool = True, legacy_token_layout: bool | None = None) -> dict:
+                             strict: bool = True, legacy_token_layout: bool | None = None,
+                             adapt_optimizer_state: Callable[[dict], dict] | None = None) -> dict:
     """Load a run state written by :func:`save_training_checkpoint`, or an authors' release file.
 
     Model weights go through :func:`cbsa_core.checkpoint.load_checkpoint` (strict key/shape check, ``module.``
     stripping, and the token layout of :func:`~cbsa_core.checkpoint.resolve_token_layout`: ``legacy_token_layout``
     True/False overrides what the file implies, None follows the file). Optimizer, scheduler and scaler states are
     loaded when the file has them; a file without them (e.g. weights only) just loads the weights, with a log line.
+    ``adapt_optimizer_state(state) -> state`` rewrites the saved optimizer state before it is loaded (a track whose
+    parameter groups changed layout keeps its older runs resumable).
     Returns the checkpoint dict with ``epoch`` (next epoch to run; 0 when absent) and ``best_metric`` (float or None,
     read from ``best_acc1`` in the release's files) normalised, and ``token_layout``: ``(legacy, reason)``, the
     layout the weights are to be run with (for models whose switch ``load_checkpoint`` cannot reach, such as the
@@ -182,7 +185,10 @@ def load_training_checkpoint(path: str | os.PathLike, *, model: nn.Module,
 
     # LambdaLR restores the lambda object's own fields too (warm-up length, epochs): the resumed run keeps its
     # original schedule, unlike the release, which dropped the warm-up on resume.
-    _load_component(optimizer, ckpt.get("optimizer"), path, "optimizer state",
+    optimizer_state = ckpt.get("optimizer")
+    if optimizer is not None and optimizer_state and adapt_optimizer_state is not None:
+        optimizer_state = adapt_optimizer_state(optimizer_state)
+    _load_component(optimizer, optimizer_state, path, "optimizer state",
                     "another optimizer, or a model with other parameters?", "the optimizer starts fresh")
     _load_component(scheduler, ckpt.get("scheduler"), path, "scheduler state",
                     "another schedule?", "the schedule restarts from its first step")
