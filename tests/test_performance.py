@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call
 
 from cbsa_core import CBSA, ISTA, create_model
-from cbsa_core.layers.cbsa import fold_heads, matmul_nt, matmul_tn
+from cbsa_core.layers.ops import fold_heads, matmul_nt, matmul_tn
 from cbsa_core.layers.linear_attention import LinearAttention
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
