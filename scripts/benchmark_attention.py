@@ -74,7 +74,8 @@ CSV_COLUMNS = (
     "matmul_gflops_fwdbwd", "util_fwd", "util_fwdbwd", "speedup_fwd_vs_sdpa", "speedup_fwdbwd_vs_sdpa",
 )
 CSV_NAME, PLOT_NAME = "attention_benchmark.csv", "attention_benchmark.png"
-ABLATIONS = ("as built", "plain products", "unfolded projection", "fold: broadcast matmul", "fold: per-sample weight")
+ABLATIONS = ("as built", "plain products", "other projection path", "fold: broadcast matmul",
+             "fold: per-sample weight")
 ABLATION_COLUMNS = ("device", "dtype", "threads", "timer", "batch", "tokens", "variant", "fwd_ms", "fwdbwd_ms",
                     "mem_fwd_mb", "mem_fwdbwd_mb", "time_vs_built_fwd", "time_vs_built_fwdbwd", "max_abs_diff")
 ABLATION_CSV = "ablation_benchmark.csv"
@@ -317,12 +318,15 @@ def _fold_per_sample_weight(per_head: torch.Tensor, weight: torch.Tensor) -> tor
 
 @contextlib.contextmanager
 def ablation(variant: str) -> Iterator[None]:
-    """CBSA with one optimisation undone while the context is active (module attributes patched)."""
+    """CBSA with one optimisation undone while the context is active (module attributes patched). The fold
+    variants change nothing where the layer projects unfolded (T below the fold's break-even)."""
     patches = {
         "as built": [],
         "plain products": [mock.patch.object(cbsa_module, "matmul_nt", _plain_nt),
                            mock.patch.object(cbsa_module, "matmul_tn", _plain_tn)],
-        "unfolded projection": [mock.patch.object(CBSA, "_fold_output", lambda self: False)],
+        # folded where the layer would project unfolded and vice versa
+        "other projection path": [mock.patch.object(CBSA, "_fold_output", lambda self, t, rule=CBSA._fold_output:
+                                                    not rule(self, t))],
         "fold: broadcast matmul": [mock.patch.object(cbsa_module, "fold_heads", _fold_broadcast_matmul)],
         "fold: per-sample weight": [mock.patch.object(cbsa_module, "fold_heads", _fold_per_sample_weight)],
     }[variant]

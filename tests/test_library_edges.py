@@ -64,9 +64,9 @@ def test_empty_batch_through_every_attention_layer(name):
     torch.manual_seed(0)
     layer = LAYERS[name]()
     suffix = getattr(layer, "num_suffix_tokens", 0)
-    if name == "cbsa_unfolded":
-        assert not layer._fold_output()
     t = 1 + 4 * 5 + suffix
+    if isinstance(layer, CBSA):   # both projection paths are covered
+        assert layer._fold_output(t) == (name != "cbsa_unfolded")
     x = torch.randn(3, t, 16)
     full = layer(x, grid_size=(4, 5))
     empty = x[:0].clone().requires_grad_(True)
@@ -323,7 +323,7 @@ def test_cbsa_under_autocast_folds_in_bfloat16():
     the per-sample weight's (B, H, p, dim) is created."""
     torch.manual_seed(4)
     layer = CBSA(24, 3, 8, rep_grid=(2, 2))
-    assert layer._fold_output()
+    assert layer._fold_output(17)
     x = torch.randn(5, 1 + 16, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16), _Allocations() as seen:
         out = layer(x, grid_size=(4, 4))

@@ -139,7 +139,7 @@ class CBSA(nn.Module):
         By associativity this equals Σ_h A_hᵀ (C_h W_out,h) + b: W_out folded into the m reps of each head
         (``fold_heads``), then one GEMM over the H·m stacked representatives. That runs when it is cheaper.
         """
-        if not self._fold_output():
+        if not self._fold_output(attn.shape[-1]):
             return self._project_out(matmul_tn(attn, contracted))
         b, h, m, t = attn.shape
         weight, bias = self._output_weight()
@@ -170,11 +170,13 @@ class CBSA(nn.Module):
             return self.proj.weight, None
         return self.to_out.weight.t(), self.to_out.bias
 
-    def _fold_output(self) -> bool:
-        # Folding W_out into the contracted reps costs T·H·m·dim per sample instead of T·m·I (broadcast)
-        # + T·I·dim (projection) and skips the head-merge copy; it wins unless H·m is much larger than I.
-        h, m = self.heads, self.num_representatives
-        return h * m * self.dim <= m * self.inner_dim + self.inner_dim * self.dim
+    def _fold_output(self, num_tokens: int) -> bool:
+        """Whether steps 6-7 run folded: per sample, m·I·dim (the fold) + T·H·m·dim (one GEMM) multiply-adds
+        against T·m·I (broadcast) + T·I·dim (projection), and no head-merge copy. For dim = I = 384, H = 6,
+        m = 64 it pays from T = 384 on: the ablations (``scripts/benchmark_attention.py --ablations``) measured
+        the unfolded path 7 % faster (28 % less memory) at T = 197 and 5-11 % slower at T = 577-4097."""
+        h, m, i, d = self.heads, self.num_representatives, self.inner_dim, self.dim
+        return m * i * d + num_tokens * h * m * d <= num_tokens * (m * i + i * d)
 
     # ------------------------------------------------------------------------------------------------
     # Analysis
