@@ -318,8 +318,12 @@ def _fold_per_sample_weight(per_head: torch.Tensor, weight: torch.Tensor) -> tor
 
 @contextlib.contextmanager
 def ablation(variant: str) -> Iterator[None]:
-    """CBSA with one optimisation undone while the context is active (module attributes patched). The fold
-    variants change nothing where the layer projects unfolded (T below the fold's break-even)."""
+    """CBSA with one optimisation undone while the context is active (module attributes patched).
+
+    The two fold variants run the folded path at every T, with another form of ``fold_heads``: compare them
+    with "as built" where the layer folds, and with "other projection path" (the fold as built) below the
+    fold's break-even, where the layer projects unfolded."""
+    always_fold = mock.patch.object(CBSA, "_fold_output", lambda self, t: True)
     patches = {
         "as built": [],
         "plain products": [mock.patch.object(cbsa_module, "matmul_nt", _plain_nt),
@@ -327,8 +331,9 @@ def ablation(variant: str) -> Iterator[None]:
         # folded where the layer would project unfolded and vice versa
         "other projection path": [mock.patch.object(CBSA, "_fold_output", lambda self, t, rule=CBSA._fold_output:
                                                     not rule(self, t))],
-        "fold: broadcast matmul": [mock.patch.object(cbsa_module, "fold_heads", _fold_broadcast_matmul)],
-        "fold: per-sample weight": [mock.patch.object(cbsa_module, "fold_heads", _fold_per_sample_weight)],
+        "fold: broadcast matmul": [always_fold, mock.patch.object(cbsa_module, "fold_heads", _fold_broadcast_matmul)],
+        "fold: per-sample weight": [always_fold,
+                                    mock.patch.object(cbsa_module, "fold_heads", _fold_per_sample_weight)],
     }[variant]
     with contextlib.ExitStack() as stack:
         for p in patches:

@@ -20,7 +20,6 @@ __all__ = ["CBSA", "MSSA", "TSSA", "ISTA", "LinearAttention", "ConvPatchEmbed", 
 
 # Attention kind -> (class, the constructor arguments that define the kind). Every other keyword argument of
 # the class's constructor is an option of the kind; the kind-defining ones are fixed and not options.
-_CBSA_KIND = ("contraction", "tied_output")
 ATTENTION_KINDS: Dict[str, Tuple[Type[nn.Module], Mapping[str, Any]]] = {
     "cbsa": (CBSA, dict(contraction=True, tied_output=False)),
     "cbsa_dagger": (CBSA, dict(contraction=True, tied_output=True)),   # output projected by the basis W_U

@@ -1,12 +1,17 @@
-"""The products behind CBSA's (and linear attention's) speed, each kept for a measured gain.
+"""The products behind CBSA's (and linear attention's) speed, each kept for a gain measured by
+``python scripts/benchmark_attention.py --ablations --threads 1 --timer cpu --repeats 5 --batch B --tokens N``
+(CBSA dim 384, 6 heads of 64, m = 64; forward+backward, process CPU time of one thread, variants interleaved;
+development machine, 2026-11-30):
 
 * :func:`matmul_nt`, :func:`matmul_tn`: the token-sized products (one side has T rows) with a backward that
   returns each gradient in its operand's own contiguous layout. Autograd's matmul backward hands the
   gradient of a transposed operand back as a transposed view, which costs a strided copy and strided adds of
-  (B, H, m, T) tensors downstream. Measured gain on a CBSA forward+backward, fp32, one CPU thread, CPU
-  time (``/tmp``-free command: ``python scripts/benchmark_ops.py``): see :data:`MEASURED`.
+  (B, H, m, T) tensors downstream. Replacing them by ``torch.matmul`` made the layer 7.6 % slower at
+  B = 4, T = 4097, 11.6 % at B = 8, T = 1025, 6.0 % at T = 577 and 2.9 % at T = 197 (fp32); 5.1 % at
+  B = 16, T = 1025 under bf16 autocast.
 * :func:`fold_heads`: per-head rows times the matching row block of a merged-heads weight, used to fold
-  the output projection into the m contracted representatives (``CBSA.broadcast_and_project``).
+  the output projection into the m contracted representatives (``CBSA.broadcast_and_project``, where the
+  fold's own gain and break-even are documented).
 
 Under autocast every op here runs in the autocast dtype, as ``torch.matmul`` would, and casts its operands
 *before* any copy, so no fp32 temporary of a product's size is built.
@@ -97,16 +102,21 @@ def matmul_tn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 def fold_heads(per_head: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-head rows times the matching row block of a merged-heads weight, heads stacked along the rows.
 
-    per_head (B, H, n, p), weight (H·p, dim) -> (B, H·n, dim) with row (h, i) = per_head[:, h, i] @ weight[h·p:(h+1)·p],
-    so that Σ over the H·n rows with token weights is the merged-heads projection.
+    per_head (B, H, n, p), weight (H·p, dim) -> (B, H·n, dim), with row (h, i) equal to
+    per_head[:, h, i] @ weight[h·p:(h+1)·p], so that Σ over the H·n rows with token weights is the merged-heads
+    projection.
 
-    One einsum, which runs as a bmm batched over the heads with the (B·n) rows of a head stacked: the weight
-    is never copied per sample. Measured against the former expand-the-weight-per-sample bmm and a broadcast
-    ``torch.matmul`` (which also copies the weight per sample), forward+backward, one CPU thread: all three
-    are within ~1 ms of each other (2.4-5.6 ms at B = 4-8, H·p = dim = 384, < 1 % of a CBSA layer), the
-    einsum the fastest or tied; under bf16 autocast at B = 64 it needs the least memory (61 MiB peak against
-    78 for the matmul and 96 for the old form, which built the per-sample weight in fp32 before the cast).
-    Operands are cast to the autocast dtype first.
+    One einsum, which runs as a bmm batched over the heads with the B·n rows of a head stacked: the weight is
+    never copied per sample. Measured against the two other forms on CBSA's folded path (ablation variants
+    "fold: broadcast matmul", a broadcast ``torch.matmul`` of (B, H, n, p) with (H, p, dim), and "fold:
+    per-sample weight", the first version: the weight expanded to (B, H, p, dim), one bmm over B·H): at
+    T = 577-4097 all three are within noise (-4 % to +5 % of the layer's forward+backward, no consistent
+    order; the fold alone is a few percent of the layer there); at T = 197, where it is a larger share, the
+    einsum was the fastest (fp32, B = 8: 36.2 ms against 37.7 and 36.8; bf16, B = 64: 513 ms against 544
+    and 547) and needs the least memory (fp32: 24.3 MiB peak against 29.6 for both; bf16: 113.1 MiB against 133.8 and 151.9).
+    The ≈3× over a broadcast matmul that the first version's docstring claimed was never there. The operands
+    are cast to the autocast dtype first; the first version built the per-sample weight in fp32 under
+    autocast (the κ-scaled reps are fp32 there) and cast it afterwards, hence its 151.9 MiB.
     """
     b, h, n, p = per_head.shape
     per_head, weight = autocast_operands(per_head, weight)
