@@ -113,7 +113,8 @@ def fold_heads(per_head: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     T = 577-4097 all three are within noise (-4 % to +5 % of the layer's forward+backward, no consistent
     order; the fold alone is a few percent of the layer there); at T = 197, where it is a larger share, the
     einsum was the fastest (fp32, B = 8: 36.2 ms against 37.7 and 36.8; bf16, B = 64: 513 ms against 544
-    and 547) and needs the least memory (fp32: 24.3 MiB peak against 29.6 for both; bf16: 113.1 MiB against 133.8 and 151.9).
+    and 547) and needs the least memory (fp32: 24.3 MiB peak against 29.6 for both; bf16: 113.1 MiB against
+    133.8 and 151.9).
     The ≈3× over a broadcast matmul that the first version's docstring claimed was never there. The operands
     are cast to the autocast dtype first; the first version built the per-sample weight in fp32 under
     autocast (the κ-scaled reps are fp32 there) and cast it afterwards, hence its 151.9 MiB.
