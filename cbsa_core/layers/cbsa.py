@@ -115,7 +115,7 @@ class CBSA(nn.Module):
         rep0 = adaptive_pool_tokens(z[:, start:start + h * w], (h, w), self.rep_grid)   # step 2: (B, m, I)
         # One head-major copy of the tokens; both token products then run on contiguous operands.
         z = z.view(b, t, self.heads, self.dim_head).transpose(1, 2).contiguous()
-        rep0 = rep0.view(b, self.num_representatives, self.heads, self.dim_head).transpose(1, 2)
+        rep0 = rep0.reshape(b, self.num_representatives, self.heads, self.dim_head).transpose(1, 2)
         # Step 3. 1/√p scales the m×p reps rather than the m×T logits: same product, T/p fewer multiplies.
         attn = torch.softmax(matmul_nt(rep0 * self.scale, z), dim=-1)
         # CUDA autocast runs softmax in float32; every product with A would cast it to z's dtype again
