@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 
-from cbsa_core.layers import adaptive_pool_tokens, check_token_layout
+from cbsa_core.layers import adaptive_pool_tokens, check_rep_grid, check_token_layout
 
 __all__ = ["TokenGrid", "ConvertedAttention", "CBSAVeeAttention", "CBSAStarAttention", "ReLULinearAttention",
            "PooledRepresentativeAttention", "ATTENTION_MODULES",
@@ -124,9 +124,7 @@ class ConvertedAttention(nn.Module):
                 f"{type(self).__name__}: the token grid is unknown. Run the whole model (its patch embedding "
                 f"records the grid; see finetune_vit.convert_vit) or pass grid_size=(h, w)"
             )
-        h, w = int(size[0]), int(size[1])
-        check_token_layout(num_tokens, (h, w), self.num_prefix_tokens, 0, layer=type(self).__name__)
-        return h, w
+        return check_token_layout(num_tokens, size, self.num_prefix_tokens, 0, layer=type(self).__name__)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -167,10 +165,7 @@ class PooledRepresentativeAttention(ConvertedAttention):
     def __init__(self, attn: TimmAttention, token_grid: TokenGrid, *, num_prefix_tokens: int = 1,
                  rep_grid: Tuple[int, int] = (8, 8), legacy_token_layout: bool = False) -> None:
         super().__init__(attn, token_grid, num_prefix_tokens=num_prefix_tokens)
-        rep_grid = tuple(int(r) for r in rep_grid)
-        if len(rep_grid) != 2 or min(rep_grid) <= 0:
-            raise ValueError(f"rep_grid must be two positive ints, got {rep_grid}")
-        self.rep_grid = rep_grid
+        self.rep_grid = check_rep_grid(rep_grid, layer=type(self).__name__)
         self.legacy_token_layout = bool(legacy_token_layout)
 
     def _initial_reps(self, q: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -180,12 +175,7 @@ class PooledRepresentativeAttention(ConvertedAttention):
         (official-code.md §2.9: [CLS] lands in cell (0, 0), the last patch is never pooled).
         """
         h, w = grid
-        rh, rw = self.rep_grid
-        if rh > h or rw > w:
-            raise ValueError(
-                f"{type(self).__name__}: representative grid {self.rep_grid} is larger than the token grid "
-                f"({h}, {w}); use a smaller rep_grid or a larger image"
-            )
+        check_rep_grid(self.rep_grid, grid, layer=type(self).__name__, remedy="a smaller rep_grid or a larger image")
         start = 0 if self.legacy_token_layout else self.num_prefix_tokens
         rep0 = adaptive_pool_tokens(q[:, start:start + h * w], (h, w), self.rep_grid)  # (B, m, I)
         return self._heads(rep0)

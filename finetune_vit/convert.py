@@ -13,6 +13,8 @@ import torch.nn as nn
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
+from cbsa_core.layers import check_rep_grid
+
 from .attention import (ATTENTION_MODULES, BROADCAST_CHOICES, ConvertedAttention, PooledRepresentativeAttention,
                         TokenGrid)
 
@@ -82,7 +84,7 @@ def convert_vit(model: VisionTransformer, attention: str = "cbsa_vee", *, rep_gr
                          "token grid; build it with patch_drop_rate=0")
     depth = len(model.blocks)
     indices = _resolve_layers(layers, depth)
-    rep_grid = tuple(int(r) for r in rep_grid)
+    rep_grid = check_rep_grid(rep_grid)
     for i in indices:
         attn = getattr(model.blocks[i], "attn", None)
         if isinstance(attn, ConvertedAttention):

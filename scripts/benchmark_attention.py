@@ -50,11 +50,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from unittest import mock
 
 import torch
 import torch.nn as nn
 
+import cbsa_core.layers.cbsa as cbsa_module
 from cbsa_core import CBSA, MSSA
 from cbsa_core.engine.amp import autocast_context
 from cbsa_core.layers.linear_attention import LinearAttention
@@ -72,6 +74,11 @@ CSV_COLUMNS = (
     "matmul_gflops_fwdbwd", "util_fwd", "util_fwdbwd", "speedup_fwd_vs_sdpa", "speedup_fwdbwd_vs_sdpa",
 )
 CSV_NAME, PLOT_NAME = "attention_benchmark.csv", "attention_benchmark.png"
+ABLATIONS = ("as built", "plain products", "other projection path", "fold: broadcast matmul",
+             "fold: per-sample weight")
+ABLATION_COLUMNS = ("device", "dtype", "threads", "timer", "batch", "tokens", "variant", "fwd_ms", "fwdbwd_ms",
+                    "mem_fwd_mb", "mem_fwdbwd_mb", "time_vs_built_fwd", "time_vs_built_fwdbwd", "max_abs_diff")
+ABLATION_CSV = "ablation_benchmark.csv"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +238,30 @@ def measure_layer(name: str, grid: int, args, device: torch.device, matmul_rates
 
     torch.manual_seed(0)
     module, call = build_layer(name, args.dim, args.heads, args.dim_head)
-    module = module.to(device)
+    row.update(status="ok", **time_and_memory(module.to(device), call, grid, args, device))
+    row.update(gflops_fwd=flops / row["fwd_ms"] * 1e-6, gflops_fwdbwd=3 * flops / row["fwdbwd_ms"] * 1e-6)
+    row["util_fwd"] = row["gflops_fwd"] / matmul_rates[0]
+    row["util_fwdbwd"] = row["gflops_fwdbwd"] / matmul_rates[1]
+    return row
+
+
+def time_and_memory(module: nn.Module, call: Callable, grid: int, args, device: torch.device) -> Dict:
+    """fwd_ms, fwdbwd_ms, mem_fwd_mb, mem_fwdbwd_mb of ``call(module, x, (grid, grid))`` on a random
+    (batch, grid² + 1, dim) input, the output's gradient fixed (seeded)."""
+    fwd, fwdbwd, step, clear_grads = layer_runs(module, call, grid, args, device)
+    t_f = time_min(fwd, device, args.repeats, timer=args.timer)
+    t_fb = time_min(fwdbwd, device, args.repeats, timer=args.timer)
+    mem_f = peak_bytes(fwd, device)
+    clear_grads()  # outside the measured call, so that freeing the last step's gradients is not counted
+    mem_fb = peak_bytes(step, device)
+    return dict(fwd_ms=1e3 * t_f, fwdbwd_ms=1e3 * t_fb, mem_fwd_mb=mem_f / 2 ** 20, mem_fwdbwd_mb=mem_fb / 2 ** 20)
+
+
+def layer_runs(module: nn.Module, call: Callable, grid: int, args, device: torch.device) -> tuple:
+    """(fwd, fwdbwd, step, clear_grads) closures over a seeded random input of (batch, grid² + 1, dim): a
+    no-grad forward, a forward+backward from cleared gradients, the same without the clearing, the clearing."""
+    tokens = grid * grid + 1
+    torch.manual_seed(1)
     x = torch.randn(args.batch, tokens, args.dim, device=device, requires_grad=True)
     with torch.no_grad(), autocast_context(device, args.dtype):
         out_dtype = call(module, x, (grid, grid)).dtype
@@ -255,16 +285,111 @@ def measure_layer(name: str, grid: int, args, device: torch.device, matmul_rates
         clear_grads()
         step()
 
-    t_f = time_min(fwd, device, args.repeats, timer=args.timer)
-    t_fb = time_min(fwdbwd, device, args.repeats, timer=args.timer)
-    mem_f = peak_bytes(fwd, device)
-    clear_grads()  # outside the measured call, so that freeing the last step's gradients is not counted
-    mem_fb = peak_bytes(step, device)
-    row.update(status="ok", fwd_ms=1e3 * t_f, fwdbwd_ms=1e3 * t_fb, mem_fwd_mb=mem_f / 2 ** 20,
-               mem_fwdbwd_mb=mem_fb / 2 ** 20, gflops_fwd=flops / t_f / 1e9, gflops_fwdbwd=3 * flops / t_fb / 1e9)
-    row["util_fwd"] = row["gflops_fwd"] / matmul_rates[0]
-    row["util_fwdbwd"] = row["gflops_fwdbwd"] / matmul_rates[1]
-    return row
+    return fwd, fwdbwd, step, clear_grads
+
+
+# ------------------------------------------------------------------------------------------------
+# Ablations: CBSA with one optimisation of cbsa_core.layers.ops undone at a time
+# ------------------------------------------------------------------------------------------------
+def _plain_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """matmul_nt through autograd's own matmul backward (gradients of transposed operands come back strided)."""
+    return torch.matmul(a, b.transpose(-1, -2))
+
+
+def _plain_tn(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    out = torch.matmul(a.transpose(-1, -2), b)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def _fold_broadcast_matmul(per_head: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fold_heads as a broadcast torch.matmul of (B, H, n, p) with (H, p, dim)."""
+    b, h, n, p = per_head.shape
+    return torch.matmul(per_head, weight.reshape(h, p, weight.shape[-1])).reshape(b, h * n, weight.shape[-1])
+
+
+def _fold_per_sample_weight(per_head: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fold_heads as it was first written: the weight blocks copied per sample (in the operands' dtype, cast
+    after the copy under autocast), then one bmm over B·H."""
+    b, h, n, p = per_head.shape
+    d = weight.shape[-1]
+    blocks = weight.to(per_head.dtype).contiguous().view(1, h, p, d).expand(b, h, p, d)
+    return torch.bmm(per_head.reshape(b * h, n, p), blocks.reshape(b * h, p, d)).view(b, h * n, d)
+
+
+@contextlib.contextmanager
+def ablation(variant: str) -> Iterator[None]:
+    """CBSA with one optimisation undone while the context is active (module attributes patched).
+
+    The two fold variants run the folded path at every T, with another form of ``fold_heads``: compare them
+    with "as built" where the layer folds, and with "other projection path" (the fold as built) below the
+    fold's break-even, where the layer projects unfolded."""
+    always_fold = mock.patch.object(CBSA, "_fold_output", lambda self, t: True)
+    patches = {
+        "as built": [],
+        "plain products": [mock.patch.object(cbsa_module, "matmul_nt", _plain_nt),
+                           mock.patch.object(cbsa_module, "matmul_tn", _plain_tn)],
+        # folded where the layer would project unfolded and vice versa
+        "other projection path": [mock.patch.object(CBSA, "_fold_output", lambda self, t, rule=CBSA._fold_output:
+                                                    not rule(self, t))],
+        "fold: broadcast matmul": [always_fold, mock.patch.object(cbsa_module, "fold_heads", _fold_broadcast_matmul)],
+        "fold: per-sample weight": [always_fold,
+                                    mock.patch.object(cbsa_module, "fold_heads", _fold_per_sample_weight)],
+    }[variant]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+def measure_ablations(grid: int, args, device: torch.device) -> List[Dict]:
+    """One row per variant of ``ABLATIONS`` for CBSA(dim, heads, dim_head) at T = grid² + 1; times relative to
+    the layer as built, and the largest output difference from it (the variants compute the same function).
+
+    The timed runs are interleaved (every variant once per round, ``--repeats`` rounds, minimum kept), so a
+    change of machine load shifts all variants alike instead of biasing whichever ran during it."""
+    torch.manual_seed(0)
+    module = CBSA(args.dim, args.heads, args.dim_head).to(device)
+    call = lambda mod, x, g: mod(x, grid_size=g)   # noqa: E731
+    probe = torch.randn(2, grid * grid + 1, args.dim, device=device)
+    runs, rows = {}, []
+    for variant in ABLATIONS:
+        with ablation(variant), torch.no_grad(), autocast_context(device, args.dtype):
+            out = call(module, probe, (grid, grid)).float()
+        reference = out if variant == ABLATIONS[0] else reference
+        fwd, fwdbwd, step, clear_grads = layer_runs(module, call, grid, args, device)
+        with ablation(variant):
+            mem_f = peak_bytes(fwd, device)
+            clear_grads()
+            mem_fb = peak_bytes(step, device)
+        runs[variant] = (fwd, fwdbwd)
+        rows.append(dict(device=device.type, dtype=args.dtype, threads=torch.get_num_threads(), timer=args.timer,
+                         batch=args.batch, tokens=grid * grid + 1, variant=variant, fwd_ms=math.inf,
+                         fwdbwd_ms=math.inf, mem_fwd_mb=mem_f / 2 ** 20, mem_fwdbwd_mb=mem_fb / 2 ** 20,
+                         max_abs_diff=(out - reference).abs().max().item()))
+    for round_ in range(1 + args.repeats):   # round 0 warms every variant up and is not kept
+        for row in rows:
+            fwd, fwdbwd = runs[row["variant"]]
+            with ablation(row["variant"]):
+                t_f, t_fb = (1e3 * time_min(fn, device, 1, 0, args.timer) for fn in (fwd, fwdbwd))
+            if round_:
+                row["fwd_ms"], row["fwdbwd_ms"] = min(row["fwd_ms"], t_f), min(row["fwdbwd_ms"], t_fb)
+    for row in rows:
+        print(f"#   {row['variant']:24s} fwd {row['fwd_ms']:.2f} ms, fwd+bwd {row['fwdbwd_ms']:.2f} ms", flush=True)
+    for r in rows:
+        r["time_vs_built_fwd"] = r["fwd_ms"] / rows[0]["fwd_ms"]
+        r["time_vs_built_fwdbwd"] = r["fwdbwd_ms"] / rows[0]["fwdbwd_ms"]
+    return rows
+
+
+def format_ablations(rows: List[Dict]) -> str:
+    head = (f"{'variant':24s} {'T':>6s} {'fwd ms':>9s} {'f+b ms':>9s} {'mem fb MB':>9s} {'fwd / built':>11s} "
+            f"{'f+b / built':>11s} {'max |diff|':>10s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['variant']:24s} {r['tokens']:>6d} {r['fwd_ms']:9.2f} {r['fwdbwd_ms']:9.2f} "
+                     f"{r['mem_fwdbwd_mb']:9.1f} {r['time_vs_built_fwd']:11.3f} {r['time_vs_built_fwdbwd']:11.3f} "
+                     f"{r['max_abs_diff']:10.2e}")
+    return "\n".join(lines)
 
 
 def add_speedups(rows: List[Dict]) -> None:
@@ -379,6 +504,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--time-budget", type=float, default=60.0,
                     help="skip a configuration whose estimated measuring time exceeds this many seconds (0: never)")
     ap.add_argument("--quick", action="store_true", help=f"tiny sizes for a smoke test: N in {QUICK_TOKENS}")
+    ap.add_argument("--ablations", action="store_true",
+                    help=f"instead of the layer comparison, time CBSA with each optimisation undone in turn "
+                         f"({'; '.join(ABLATIONS[1:])}), relative to the layer as built; writes {ABLATION_CSV}")
     ap.add_argument("--out", type=Path, default=Path("runs/benchmark_attention"))
     args = ap.parse_args(argv)
     args.tokens = args.tokens or list(QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
@@ -412,6 +540,13 @@ def run(args: argparse.Namespace) -> List[Dict]:
     print(f"# attention benchmark: {name}, {args.dtype}, batch {args.batch}, width {args.dim}, {args.heads} heads "
           f"of {args.dim_head}, repeats {args.repeats}, {args.timer} timer, torch {torch.__version__}", flush=True)
     rows: List[Dict] = []
+    if args.ablations:
+        for n in args.tokens:
+            rows += measure_ablations(math.isqrt(n), args, device)
+        print(format_ablations(rows))
+        write_csv(out / ABLATION_CSV, rows, ABLATION_COLUMNS)
+        print(f"wrote {out / ABLATION_CSV}")
+        return rows
     best_rate = 0.0
     for n in args.tokens:
         grid = math.isqrt(n)

@@ -28,6 +28,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch.nn as nn
 
+from cbsa_core.layers import check_rep_grid as check_representative_grid
+
 from .decoder import DepictCAMaskTransformer, LinearDecoder, MaskTransformer, SegmenterMaskTransformer
 
 __all__ = ["DECODERS", "DECODER_SUMMARIES", "resolve_decoder_config", "build_decoder", "check_rep_grid",
@@ -91,11 +93,7 @@ def resolve_decoder_config(config: Optional[Mapping[str, Any]], d_encoder: int, 
                 raise ValueError(f"{label(key)} must be a number in [0, 1), got {value!r}")
             out[key] = float(value)
     if "rep_grid" in out:
-        grid = out["rep_grid"]
-        if not isinstance(grid, (list, tuple)) or len(grid) != 2 \
-                or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
-            raise ValueError(f"{label('rep_grid')} must be two positive integers, got {grid!r}")
-        out["rep_grid"] = [int(g) for g in grid]
+        out["rep_grid"] = list(check_representative_grid(out["rep_grid"], name=label("rep_grid")))
     if "tied_output" in out and not isinstance(out["tied_output"], bool):
         raise ValueError(f"{label('tied_output')} must be true or false, got {out['tied_output']!r}")
 
@@ -141,10 +139,9 @@ def check_rep_grid(crop_size: Sequence[int], patch_size: int, rep_grid: Sequence
     """The CBT decoder pools its representatives from the crop's patch grid, which must be at least ``rep_grid``
     (adaptive pooling to a larger grid would only repeat tokens); raises ``ValueError`` otherwise."""
     grid = [int(c) // int(patch_size) for c in crop_size]
-    if grid[0] < int(rep_grid[0]) or grid[1] < int(rep_grid[1]):
-        raise ValueError(f"crop size {crop_size[0]}x{crop_size[1]} with patch {patch_size} gives a {grid[0]}x{grid[1]} "
-                         f"patch grid, smaller than the decoder's representative grid {rep_grid[0]}x{rep_grid[1]}; "
-                         "use a larger crop size or a smaller rep_grid")
+    check_representative_grid(rep_grid, grid, name="the decoder's representative grid",
+                              source=f"crop size {crop_size[0]}x{crop_size[1]} with patch {patch_size}",
+                              remedy="a larger crop size or a smaller rep_grid")
 
 
 def check_decoder_fits_crop(config: Mapping[str, Any], crop_size: Sequence[int], patch_size: int) -> None:

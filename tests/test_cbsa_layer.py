@@ -130,7 +130,7 @@ def test_fold_and_unfold_paths_agree(name, fold, monkeypatch):
     """``broadcast_and_project`` has a folded (W_out applied to the m reps) and a plain path; both are exact."""
     layer, x, grid = make_layer(name, seed=1)
     expected, _ = reference_for(layer, x, grid)
-    monkeypatch.setattr(layer, "_fold_output", lambda: fold)
+    monkeypatch.setattr(layer, "_fold_output", lambda t: fold)
     torch.testing.assert_close(layer(x, grid_size=grid), expected, **TOL)
 
 
@@ -242,7 +242,7 @@ def test_every_parameter_gets_a_gradient(kw):
 def test_gradcheck_finite_differences(kw, fold, monkeypatch):
     torch.manual_seed(8)
     layer = CBSA(4, 2, 3, rep_grid=(2, 2), num_suffix_tokens=1, **kw).double()
-    monkeypatch.setattr(layer, "_fold_output", lambda: fold)
+    monkeypatch.setattr(layer, "_fold_output", lambda t: fold)
     grid = (2, 3)
     x = torch.randn(1, 1 + 6 + 1, 4, dtype=torch.float64, requires_grad=True)
     names = [n for n, _ in layer.named_parameters()]

@@ -518,13 +518,15 @@ def test_unreadable_image_fail_or_skip_and_nothing_lost(tmp_path, tiny_cfg):
 def test_checkpoint_of_another_arch(trained, tmp_path, data_root, tiny_cfg):
     out, _ = trained
     ckpt = out / icm.LAST_CHECKPOINT
+    # MSSA models have no representatives, so their config has no rep_grid (one would be refused).
+    mssa_cfg = write_config(tmp_path / "mssa.yaml", model={k: v for k, v in TINY_MODEL.items() if k != "rep_grid"})
     with pytest.raises(CheckpointMismatchError, match="'cbt_tiny'.*'mssa_tiny'|'mssa_tiny'.*'cbt_tiny'"):
-        run_main(tiny_cfg, data_root, tmp_path, "--arch", "CRATE_tiny", "--evaluate", "--resume", str(ckpt))
+        run_main(mssa_cfg, data_root, tmp_path, "--arch", "CRATE_tiny", "--evaluate", "--resume", str(ckpt))
     # An authors'-style file has no arch record: the key/shape check names what differs.
     sd = load_ckpt(ckpt)["state_dict"]
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "best_acc1": 1.0}, tmp_path / "a.pth")
     with pytest.raises(CheckpointMismatchError, match="fn.qkv.weight"):
-        run_main(tiny_cfg, data_root, tmp_path, "--arch", "mssa_tiny", "--evaluate", "--resume",
+        run_main(mssa_cfg, data_root, tmp_path, "--arch", "mssa_tiny", "--evaluate", "--resume",
                  str(tmp_path / "a.pth"))
     with pytest.raises(CheckpointMismatchError, match="shape"):  # same arch, other width
         run_main(tiny_cfg, data_root, tmp_path, "--model-override", "dim=64", "--evaluate", "--resume", str(ckpt))

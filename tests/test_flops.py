@@ -97,7 +97,7 @@ def counted(fn) -> int:
 def test_measured_cbsa_layer_by_hand(kw, fold, monkeypatch):
     d, heads, p, grid, m = 40, 4, 8, (6, 7), 12
     layer = CBSA(d, heads, p, rep_grid=(3, 4), **kw)
-    monkeypatch.setattr(layer, "_fold_output", lambda: fold)
+    monkeypatch.setattr(layer, "_fold_output", lambda t: fold)
     t, i = 1 + 42, heads * p
     x = torch.randn(1, t, d)
     macs = t * d * i + 2 * t * m * i                       # projection; extraction A = softmax(Q0 Zᵀ), A Z
@@ -121,7 +121,7 @@ def test_measured_mssa_layer_equals_the_paper_formula():
 def test_measured_model_by_hand(monkeypatch):
     """Unfolded CBSA and the release's three-product ISTA: measured = analytic + depth · 2·T·d² (the one
     ISTA product the paper does not count, item 22)."""
-    monkeypatch.setattr(CBSA, "_fold_output", lambda self: False)
+    monkeypatch.setattr(CBSA, "_fold_output", lambda self, t: False)
     monkeypatch.setattr(ISTA, "forward", ISTA.forward_reference)
     dim, depth, image, patch = 64, 2, 64, 8
     model = create_model("cbt_tiny", dim=dim, heads=2, dim_head=32, depth=depth, image_size=image,
@@ -137,7 +137,7 @@ def test_measured_model_by_hand(monkeypatch):
 
 @pytest.mark.parametrize("image", [64, 96])
 def test_measured_mssa_minus_cbsa_is_the_quadratic_term(image, monkeypatch):
-    monkeypatch.setattr(CBSA, "_fold_output", lambda self: False)
+    monkeypatch.setattr(CBSA, "_fold_output", lambda self, t: False)
     kw = dict(dim=64, heads=2, dim_head=32, depth=2, image_size=image, patch_size=8, num_classes=10)
     cbt, mssa = create_model("cbt_tiny", **kw), create_model("mssa_tiny", **kw)
     t, i, m = 1 + (image // 8) ** 2, 64, 64

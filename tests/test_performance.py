@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call
 
 from cbsa_core import CBSA, ISTA, create_model
-from cbsa_core.layers.cbsa import fold_heads, matmul_nt, matmul_tn
+from cbsa_core.layers.ops import fold_heads, matmul_nt, matmul_tn
 from cbsa_core.layers.linear_attention import LinearAttention
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -414,3 +414,28 @@ def test_benchmark_models_quick_writes_the_table(tmp_path):
     assert math.isclose(float(cbt["infer_ratio_vs_vit"]), float(cbt["infer_img_s"]) / float(vit["infer_img_s"]),
                         rel_tol=1e-4)
     assert vit["infer_ratio_vs_vit"] == ""
+
+
+def test_benchmark_attention_ablations_undo_one_optimisation_each_and_compute_the_same_function(tmp_path):
+    bench = load_script("benchmark_attention")
+    import cbsa_core.layers.cbsa as cbsa_module
+    layer = CBSA(384, 6, 64)
+    originals = (cbsa_module.matmul_nt, cbsa_module.matmul_tn, cbsa_module.fold_heads)
+    with bench.ablation("plain products"):
+        assert (cbsa_module.matmul_nt, cbsa_module.matmul_tn) == (bench._plain_nt, bench._plain_tn)
+    with bench.ablation("other projection path"):
+        assert layer._fold_output(65) and not layer._fold_output(4097)        # the rule, flipped
+    with bench.ablation("fold: per-sample weight"):
+        assert cbsa_module.fold_heads is bench._fold_per_sample_weight and layer._fold_output(65)
+    assert (cbsa_module.matmul_nt, cbsa_module.matmul_tn, cbsa_module.fold_heads) == originals
+    assert not layer._fold_output(65) and layer._fold_output(4097)
+
+    rows = bench.main(["--quick", "--ablations", "--tokens", "64", "--batch", "1", "--threads", "1",
+                       "--out", str(tmp_path)])
+    header, csv_rows = _read_csv(tmp_path / "ablation_benchmark.csv")
+    assert tuple(header) == bench.ABLATION_COLUMNS
+    assert [r["variant"] for r in csv_rows] == list(bench.ABLATIONS)
+    assert float(csv_rows[0]["time_vs_built_fwdbwd"]) == 1.0 and float(csv_rows[0]["max_abs_diff"]) == 0.0
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["mem_fwdbwd_mb"] > 0
+        assert r["max_abs_diff"] < 1e-5, r["variant"]                        # the same function, reordered

@@ -88,9 +88,9 @@ def test_data_config_is_the_release_evaluation_bilinear_resize_256_center_crop_2
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (dict(img_size=30), r"img_size 30 does not divide by patch_size 4; use a multiple of 4"),
-    (dict(img_size=4), r"img_size 4 with patch_size 4 gives a 1x1 token grid, smaller than rep_grid \(2, 2\); use an "
+    (dict(img_size=4), r"img_size 4 with patch_size 4 gives a 1x1 patch grid, smaller than rep_grid 2x2; use an "
                        r"image size of at least 8x8"),
-    (dict(img_size=(32, 4)), r"gives a 8x1 token grid"),
+    (dict(img_size=(32, 4)), r"gives a 8x1 patch grid"),
     (dict(patch_size=6), r"patch_size must be a power of two >= 4"),
     (dict(patch_size=0), r"patch_size must be a power of two >= 4"),
     (dict(num_classes=-1), r"num_classes must be an int >= 0"),
@@ -107,7 +107,7 @@ def test_impossible_sizes_are_refused_naming_the_argument(overrides, message):
 
 
 def test_models_without_representatives_run_down_to_one_patch():
-    model = tiny("mssa_tiny", img_size=4)
+    model = tiny("mssa_tiny", img_size=4, rep_grid=None)   # no representatives, so no rep_grid
     assert model.base_grid == (1, 1)
     with torch.no_grad():
         assert model(image(size=(4, 4))).shape == (2, 5)

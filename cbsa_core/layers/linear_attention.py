@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cbsa import fold_heads, matmul_tn
+from .ops import fold_heads, matmul_tn
 
 __all__ = ["LinearAttention"]
 
@@ -67,5 +67,5 @@ class LinearAttention(nn.Module):
         k_sum = k.sum(dim=2)  # Σ_t φ(k_t): (B, H, p)
         den = (q * k_sum.unsqueeze(1)).sum(dim=-1, keepdim=True)  # φ(q_t)·Σφ(k): (B, T, H, 1)
         q_normed = (q / den).reshape(b, t, inner)  # (B, T, I)
-        folded = fold_heads(summary, self.proj.weight.t().to(summary.dtype))  # KV_h W_o,h stacked: (B, I, dim)
+        folded = fold_heads(summary, self.proj.weight.t())  # KV_h W_o,h stacked: (B, I, dim)
         return torch.baddbmm(self.proj.bias.to(folded.dtype), q_normed.to(folded.dtype), folded)

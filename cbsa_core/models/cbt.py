@@ -57,7 +57,8 @@ from timm.models._input import update_model_args, update_model_input_size
 from ..checkpoint import (CheckpointMismatchError, check_arch, check_patch_embedding, check_state_dict,
                           checkpoint_kind, extract_state_dict, map_original_crate_keys, read_checkpoint,
                           resolve_token_layout)
-from ..layers import ATTENTION_TYPES, CBSA, ISTA, build_attention, resample_pos_embed
+from ..layers import (ATTENTION_TYPES, CBSA, ISTA, attention_options, build_attention, check_rep_grid,
+                      resample_pos_embed)
 from ..layers.patch_embed import (PATCH_EMBED_TYPES, ConvPatchEmbed, LinearPatchEmbed, check_linear_patch_size,
                                   check_patch_size)
 
@@ -106,7 +107,9 @@ GLOBAL_POOL_TYPES = ("", "token", "avg", "max", "avgmax")
 FIRST_CONV = "to_patch_embedding.proj.0.0"     # the conv stem's first convolution
 FIRST_LINEAR = "to_patch_embedding.2"          # the linear patch embedding's Linear (timm's first_conv entry)
 CLASSIFIER = "mlp_head.1"
-_REPRESENTATIVE_ATTENTION = ("cbsa", "cbsa_dagger", "agent")   # attention types that pool a token grid
+# The attention types that pool a token grid to representatives: those whose layer takes a rep_grid.
+_REPRESENTATIVE_ATTENTION = tuple(a for a in ATTENTION_TYPES if "rep_grid" in attention_options(a))
+DEFAULT_REP_GRID = (8, 8)
 
 
 def first_layer_name(patch_embed: str) -> str:
@@ -124,9 +127,15 @@ def _image_size(value: Any, name: str) -> Tuple[int, int]:
     return size
 
 
-def _representative_grid(attn: Sequence[str], rep_grid: Sequence[int]) -> Optional[Tuple[int, int]]:
-    """The representative grid the model's CBSA-type layers pool to, None when no layer pools."""
-    return tuple(int(r) for r in rep_grid) if any(a in _REPRESENTATIVE_ATTENTION for a in attn) else None
+def _representative_grid(attn: Sequence[str], rep_grid: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
+    """The representative grid the model's CBSA-type layers pool to (``rep_grid``, default 8x8), None when no
+    layer pools; a ``rep_grid`` given to a model without such layers is refused, not dropped."""
+    if not any(a in _REPRESENTATIVE_ATTENTION for a in attn):
+        if rep_grid is not None:
+            raise ValueError(f"rep_grid={rep_grid!r}: no layer of this model takes it (attn {sorted(set(attn))}; only "
+                             f"{', '.join(_REPRESENTATIVE_ATTENTION)} pool representatives); leave rep_grid unset")
+        return None
+    return check_rep_grid(DEFAULT_REP_GRID if rep_grid is None else rep_grid)
 
 
 def min_input_size(config: Mapping[str, Any]) -> Tuple[int, int, int]:
@@ -135,8 +144,13 @@ def min_input_size(config: Mapping[str, Any]) -> Tuple[int, int, int]:
     attn = config["attn"]
     attn = [attn] if isinstance(attn, str) else list(attn)
     patch = int(config.get("patch_size", 16))
-    reps = _representative_grid(attn, config.get("rep_grid", (8, 8))) or (1, 1)
+    reps = _representative_grid(attn, config.get("rep_grid")) or (1, 1)
     return int(config.get("in_chans", 3)), reps[0] * patch, reps[1] * patch
+
+
+def _options_of(kind: str, settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """The model-level layer settings that a layer of ``kind`` takes (the model records all of them)."""
+    return {k: v for k, v in settings.items() if k in attention_options(kind)}
 
 
 class PreNorm(nn.Module):
@@ -163,7 +177,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([
             nn.ModuleList([
-                PreNorm(dim, build_attention(attn[i], dim, heads, dim_head, **cbsa_kwargs)),
+                PreNorm(dim, build_attention(attn[i], dim, heads, dim_head, **_options_of(attn[i], cbsa_kwargs))),
                 PreNorm(dim, ISTA(dim)),
             ])
             for i in range(depth)
@@ -205,7 +219,8 @@ class CBT(nn.Module):
         global_pool: '' (all tokens), 'token' ([CLS], as released), 'avg', 'max' or 'avgmax' over patch tokens.
         dim, depth, heads, dim_head: width, layers, heads, head width (default ``dim // heads``).
         attn: attention per layer, one name or a list of ``depth`` names (cbsa, cbsa_dagger, agent, mssa, tssa).
-        rep_grid: representative grid of the CBSA layers (8×8 → m = 64); the token grid must be at least as large.
+        rep_grid: representative grid of the CBSA layers (default 8×8 → m = 64); the token grid must be at least as
+            large. Refused for models without CBSA-type layers (mssa, tssa), which have none.
         legacy_token_layout: pool the release's ``tokens[:, :-1]`` (the authors' checkpoints need it). None (the
             default) means "not requested": the corrected layout, unless pretrained weights record the legacy one.
         drop_rate: dropout before the classifier. drop_path_rate: stochastic depth of the attention residuals.
@@ -216,7 +231,7 @@ class CBT(nn.Module):
                  image_size: Union[int, Sequence[int], None] = None, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", dim: int = 384, depth: int = 12,
                  heads: int = 6, dim_head: Optional[int] = None, attn: Union[str, Sequence[str]] = "cbsa",
-                 rep_grid: Sequence[int] = (8, 8), legacy_token_layout: Optional[bool] = None,
+                 rep_grid: Optional[Sequence[int]] = None, legacy_token_layout: Optional[bool] = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = True,
                  patch_embed: str = "conv") -> None:
         super().__init__()
@@ -225,7 +240,7 @@ class CBT(nn.Module):
                                   patch_embed)
         dim_head = dim // heads if dim_head is None else dim_head
         attn_list = [attn] * depth if isinstance(attn, str) else list(attn)
-        rep_grid = tuple(int(r) for r in rep_grid)
+        rep_grid = _representative_grid(attn_list, rep_grid)   # None: no layer pools representatives
         legacy = bool(legacy_token_layout)
         self.model_config: Dict[str, Any] = dict(
             image_size=size[0] if size[0] == size[1] else size, patch_size=patch_size, num_classes=num_classes,
@@ -304,15 +319,12 @@ class CBT(nn.Module):
         unknown = sorted({a for a in attn_list if a not in ATTENTION_TYPES})
         if unknown:
             raise ValueError(f"attn has unknown attention type(s) {unknown}; valid: {', '.join(ATTENTION_TYPES)}")
-        if len(tuple(rep_grid)) != 2 or min(int(r) for r in rep_grid) <= 0:
-            raise ValueError(f"rep_grid must be two positive ints, got {rep_grid!r}")
         reps = _representative_grid(attn_list, rep_grid)
         grid = (size[0] // patch_size, size[1] // patch_size)
-        if reps is not None and (reps[0] > grid[0] or reps[1] > grid[1]):
-            raise ValueError(
-                f"{size_arg} {shown} with patch_size {patch_size} gives a {grid[0]}x{grid[1]} token grid, smaller "
-                f"than rep_grid {reps}; use an image size of at least {reps[0] * patch_size}x{reps[1] * patch_size} "
-                f"or a rep_grid of at most {grid}")
+        if reps is not None:
+            check_rep_grid(reps, grid, source=f"{size_arg} {shown} with patch_size {patch_size}",
+                           remedy=f"an image size of at least {reps[0] * patch_size}x{reps[1] * patch_size} or a "
+                                  f"rep_grid of at most {grid}")
         if global_pool not in GLOBAL_POOL_TYPES:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOL_TYPES}, got {global_pool!r}")
         for name, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
