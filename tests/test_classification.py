@@ -161,7 +161,9 @@ def test_release_defaults():
 
 def test_config_file_then_cli_precedence(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("lr: 2e-3\nbatch-size: 12\noptimizer: adamw\nepochs: 7\nmodel:\n  depth: 2\n  rep_grid: [2, 3]\n"
+    # --arch Ours_tiny: the release's default arch (CRATE_tiny, MSSA) has no representatives and refuses a rep_grid
+    cfg.write_text("arch: Ours_tiny\nlr: 2e-3\nbatch-size: 12\noptimizer: adamw\nepochs: 7\nmodel:\n  depth: 2\n"
+                   "  rep_grid: [2, 3]\n"
                    "mean: [0.1, 0.2, 0.3]\n")
     a = icm.parse_args(["--config", str(cfg)])
     assert (a.lr, a.batch_size, a.optimizer, a.epochs) == (2e-3, 12, "AdamW", 7)  # '2e-3' is a YAML string

@@ -427,7 +427,7 @@ def test_input_size_below_the_representative_grid_is_a_usage_error(shapes, cfg, 
     forward on the meta device at parse time), before config.yaml or log.jsonl exist."""
     assert icm.cli(_cls(cfg, shapes, tmp_path / "run", "--input-size", "8", "--model-override", "rep_grid=[4,4]")) == 2
     err = capsys.readouterr().err  # the model's own words, whichever layer says them
-    assert "--input-size 8 does not fit --arch cbt_tiny: " in err and "(4, 4)" in err and "2" in err
+    assert "--input-size 8 does not fit --arch cbt_tiny: " in err and "4x4" in err and "2x2" in err
     assert not (tmp_path / "run").exists()
 
 
