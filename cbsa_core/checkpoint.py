@@ -267,8 +267,11 @@ def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
             f"checkpoint {path} was saved from arch '{saved_arch}', but the model is '{model_arch}'")
     if kind == "cbsa":
         saved_cfg, model_cfg = ckpt.get("model_config", {}), getattr(target, "model_config", {})
+        # A model without representative layers records rep_grid None; files written before it did so record the
+        # unused default (8, 8) for MSSA/TSSA models, which changes nothing they compute.
+        ignored = set(adaptable) | ({"rep_grid"} if model_cfg.get("rep_grid", ()) is None else set())
         diffs = [f"{k}: checkpoint {saved_cfg[k]!r} vs model {model_cfg[k]!r}" for k in _BEHAVIOUR_KEYS
-                 if k not in adaptable and k in saved_cfg and k in model_cfg
+                 if k not in ignored and k in saved_cfg and k in model_cfg
                  and _normalise(saved_cfg[k]) != _normalise(model_cfg[k])]
         if diffs:
             raise CheckpointMismatchError(f"checkpoint {path} was built with another model config:\n    "

@@ -59,6 +59,8 @@ from cbsa_core.engine import (ConfigError, DistInfo, MustMatch, NonFiniteOutputE
                               non_negative_float, non_negative_int, parse_args_with_config, positive_float,
                               positive_int, resolve_precision, run_cli, seed_everything, set_tf32, setup_logging,
                               unwrap_model, warn_if_single_class, wrap_ddp)
+from cbsa_core.layers import check_rep_grid
+from cbsa_core.models import recorded_model_config
 from cbsa_core.registry import ALIASES
 from image_classification.data import DATASETS, build_datasets
 
@@ -163,10 +165,11 @@ def _check_model_overrides(value: Any, where: str) -> Dict[str, Any]:
     out = dict(value)
     if "rep_grid" in out:
         grid = out["rep_grid"]
-        grid = [grid, grid] if isinstance(grid, int) else list(grid)
-        if len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
-            raise ConfigError(f"{where}: rep_grid must be two positive integers, got {out['rep_grid']!r}")
-        out["rep_grid"] = tuple(grid)
+        try:  # one int means a square grid
+            out["rep_grid"] = check_rep_grid((grid, grid) if isinstance(grid, int) and not isinstance(grid, bool)
+                                             else grid)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
     return out
 
 
@@ -289,7 +292,7 @@ def _resume_settings(args: argparse.Namespace, saved: Dict[str, Any], model: nn.
     if args.seed is not None:  # unset: the run continues with its recorded seed
         checks.insert(0, MustMatch("--seed", args.seed, cfg.get("seed")))
     if checkpoint_kind(saved) == "cbsa":
-        recorded = saved.get("model_config") or {}
+        recorded = recorded_model_config(saved.get("model_config") or {})
         current = unwrap_model(model).model_config
         for key in sorted(set(recorded) & set(current) - {"legacy_token_layout"}):
             value = json.dumps(list(recorded[key]) if isinstance(recorded[key], tuple) else recorded[key])

@@ -29,6 +29,7 @@ import cbsa_core
 from cbsa_core.atomic import atomic_write_json, atomic_write_text
 from cbsa_core.checkpoint import CheckpointError, checkpoint_kind, read_checkpoint
 from cbsa_core.engine.cli import run_cli
+from cbsa_core.models import recorded_model_config
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BUNDLED_RGB", "BUNDLED_GRAY", "load_rgb", "resize_rgb", "fit_size",
@@ -267,7 +268,7 @@ def build_model(arch: Optional[str], checkpoint: Optional[str] = None, overrides
         recorded = ckpt.get("arch")
         if arch is not None and recorded is not None and arch != recorded:
             raise CheckpointError(f"checkpoint {checkpoint} holds arch '{recorded}', but --arch is '{arch}'")
-        config = dict(ckpt.get("model_config") or {})
+        config = recorded_model_config(ckpt.get("model_config") or {})
         num_classes = int(config.pop("num_classes", 1000))
         model = cbsa_core.create_model(recorded or arch, pretrained=checkpoint, num_classes=num_classes, **config)
     else:

@@ -64,6 +64,7 @@ from cbsa_core.engine.cli import run_cli
 from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, checkpoint_kind, extract_state_dict,
                                   read_checkpoint, resolve_token_layout)
 from cbsa_core.flops import PAPER_CLASSIFICATION, analytic_flops, count_parameters, measured_flops
+from cbsa_core.models import recorded_model_config
 from cbsa_core.registry import ALIASES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -313,7 +314,7 @@ def build_classifier_source(source: Source, overrides: Mapping[str, Any],
     if source.kind == "cbsa":
         if overrides:
             raise UsageError(f"--set: {source.path} records its model config; --set is for files that do not")
-        config = dict(source.ckpt.get("model_config") or {})
+        config = recorded_model_config(source.ckpt.get("model_config") or {})
         config.pop("legacy_token_layout", None)     # the file's record decides, unless the flag overrides it
         kwargs = dict(config, **kwargs)
     else:

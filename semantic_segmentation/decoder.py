@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from cbsa_core.layers import CBSA, TSSA
+from cbsa_core.layers import CBSA, TSSA, check_rep_grid
 from cbsa_core.models.cbt import PreNorm
 
 from .depict_attention import DepictAttention
@@ -206,7 +206,7 @@ class MaskTransformer(MaskDecoder):
             raise ValueError(f"MaskTransformer: unknown attention {attention!r}; valid: {', '.join(MASK_ATTENTIONS)}")
         self.attention, self.name = attention, MASK_ATTENTIONS[attention]
         self.n_layers, self.n_heads, self.dim_head = int(n_layers), int(n_heads), int(dim_head)
-        self.rep_grid = tuple(int(r) for r in rep_grid)
+        self.rep_grid = check_rep_grid(rep_grid, layer="MaskTransformer")
         self.tied_output = bool(tied_output)
 
         def make() -> nn.Module:

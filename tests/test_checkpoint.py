@@ -501,3 +501,23 @@ def test_token_layout_rule_and_records():
     assert resolve_token_layout(release, requested=False) == (False, "requested explicitly")
     assert decide_token_layout(None, True) == (True, "requested explicitly")
     assert decide_token_layout(True, None, "why")[0] is True
+
+
+def test_older_mssa_files_recording_the_unused_rep_grid_still_load(tmp_path):
+    """Files written before models without representatives recorded ``rep_grid: None`` carry (8, 8) for MSSA/TSSA
+    models. They load, and rebuilding from the record (recorded_model_config) gives the same logits."""
+    from cbsa_core.models import recorded_model_config
+
+    for name in ("mssa_tiny", "tssa_tiny"):
+        model, _ = small(name, seed=4)
+        path = save_model_checkpoint(model, tmp_path / f"{name}.pth")
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["model_config"]["rep_grid"] is None
+        ckpt["model_config"]["rep_grid"] = [8, 8]          # what the older files recorded
+        torch.save(ckpt, path)
+        with pytest.raises(ValueError, match="rep_grid"):  # the record as it stands is refused by the constructor
+            create_model(name, **ckpt["model_config"])
+        rebuilt = create_model(name, pretrained=path, **recorded_model_config(ckpt["model_config"])).eval()
+        img = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(rebuilt(img), model(img))

@@ -64,7 +64,7 @@ from ..layers.patch_embed import (PATCH_EMBED_TYPES, ConvPatchEmbed, LinearPatch
 
 __all__ = ["PreNorm", "Transformer", "CBT", "MODEL_CONFIGS", "RELEASE_WEIGHTS", "CRATE_RELEASED_WEIGHTS",
            "GLOBAL_POOL_TYPES", "FIRST_CONV", "FIRST_LINEAR", "CLASSIFIER", "checkpoint_filter_fn", "min_input_size",
-           "first_layer_name"]
+           "first_layer_name", "recorded_model_config"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -136,6 +136,21 @@ def _representative_grid(attn: Sequence[str], rep_grid: Optional[Sequence[int]])
                              f"{', '.join(_REPRESENTATIVE_ATTENTION)} pool representatives); leave rep_grid unset")
         return None
     return check_rep_grid(DEFAULT_REP_GRID if rep_grid is None else rep_grid)
+
+
+def recorded_model_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The constructor arguments a checkpoint's recorded ``model_config`` stands for, in today's terms.
+
+    Files written before models without representative layers recorded ``rep_grid: None`` carry the unused
+    default (8, 8) for MSSA/TSSA models; the constructor now refuses a rep_grid such a model cannot use, so it is
+    dropped here. Every loader that rebuilds a model from a record goes through this function.
+    """
+    out = dict(config)
+    attn = out.get("attn", "cbsa")
+    attn_list = [attn] if isinstance(attn, str) else list(attn)
+    if not any(a in _REPRESENTATIVE_ATTENTION for a in attn_list):
+        out.pop("rep_grid", None)
+    return out
 
 
 def min_input_size(config: Mapping[str, Any]) -> Tuple[int, int, int]:
