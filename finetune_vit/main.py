@@ -46,17 +46,17 @@ if not __package__:  # `python main.py` inside finetune_vit/: make the repositor
 
 from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 
-from cbsa_core.checkpoint import checkpoint_kind, read_checkpoint, resolve_token_layout  # noqa: E402
+from cbsa_core.checkpoint import read_checkpoint  # noqa: E402
 from cbsa_core.data.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, build_imagefolder,  # noqa: E402
                                         classification_transforms)
-from cbsa_core.engine import (PRECISIONS, ConfigError, MustMatch, NonFiniteOutputError, RunFiles,  # noqa: E402
-                              WarmupCosineLambda, build_lambda_scheduler, build_optimizer, check_output_dir,
-                              check_resume_consistency, cleanup_distributed, evaluate_classifier, finite_float, fit,
-                              init_distributed, load_training_checkpoint, make_eval_loader, make_grad_scaler,
-                              make_train_loader, model_settings_error, non_negative_float, non_negative_int,
-                              parse_args_with_config, positive_float, positive_int, resolve_precision, run_cli,
-                              seed_everything, set_tf32, setup_logging, unwrap_model, warn_if_single_class,
-                              wrap_ddp)
+from cbsa_core.engine import (PRECISIONS, ConfigError, MustMatch, NonFiniteOutputError, RunFiles, WarmupCosineLambda,
+                              build_lambda_scheduler, build_optimizer, check_output_dir, check_resume_consistency,
+                              cleanup_distributed, evaluate_classifier, finite_float, fit, init_distributed,
+                              load_training_checkpoint, make_eval_loader, make_grad_scaler, make_train_loader,
+                              model_settings_error, non_negative_float, non_negative_int, parse_args_with_config,
+                              positive_float, positive_int, resolve_precision, run_cli, schedule_settings,
+                              seed_everything, set_tf32, setup_logging, token_layout_setting, unwrap_model,
+                              warn_if_single_class, wrap_ddp)  # noqa: E402
 from finetune_vit.attention import BROADCAST_CHOICES  # noqa: E402
 from finetune_vit.convert import ATTENTION_CHOICES, set_legacy_token_layout  # noqa: E402
 from finetune_vit.flops import model_flops  # noqa: E402
@@ -215,23 +215,8 @@ def _variant_settings(saved: Dict[str, Any], config: Dict[str, Any], depth: int)
 def _resume_settings(args: argparse.Namespace, saved: Dict[str, Any], config: Dict[str, Any],
                      depth: int) -> List[MustMatch]:
     """What a resumed run must share with its checkpoint (engine rule, :mod:`cbsa_core.engine.resume`)."""
-    cfg = saved.get("config") or {}
-    lambdas = (saved.get("scheduler") or {}).get("lr_lambdas") or [None]
-    schedule = lambdas[0] if isinstance(lambdas[0], dict) else {}
-    checks = [MustMatch("--seed", args.seed, cfg.get("seed")),
-              MustMatch("--epochs", args.epochs, schedule.get("epochs", cfg.get("epochs"))),
-              MustMatch("--warmup-epochs", args.warmup_epochs, schedule.get("warmup_epochs", cfg.get("warmup_epochs"))),
-              MustMatch("--optimizer", args.optimizer, cfg.get("optimizer")),
-              MustMatch("--lr", args.lr, cfg.get("lr")),
-              MustMatch("--wd", args.weight_decay, cfg.get("weight_decay"), dest="weight_decay")]
-    checks += _variant_settings(saved, config, depth)
-    if args.legacy_token_layout is not None and checkpoint_kind(saved) == "cbsa":
-        legacy, _ = resolve_token_layout(saved)
-        flag = f"--{'' if args.legacy_token_layout else 'no-'}legacy-token-layout"
-        checks.append(MustMatch(flag, args.legacy_token_layout, legacy, dest="legacy_token_layout",
-                                what="legacy_token_layout", fix=f"drop {flag}: the checkpoint records the layout its "
-                                                                "weights were trained with"))
-    return checks
+    return (schedule_settings(args, saved) + _variant_settings(saved, config, depth)
+            + token_layout_setting(args.legacy_token_layout, saved))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -50,15 +50,15 @@ import yaml
 from cbsa_core import create_model, list_models
 from cbsa_core.atomic import atomic_write_json
 from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, checkpoint_kind, extract_state_dict,
-                                  load_checkpoint, read_checkpoint, resolve_token_layout)
+                                  load_checkpoint, read_checkpoint)
 from cbsa_core.engine import (ConfigError, DistInfo, MustMatch, NonFiniteOutputError, OutputDir, RunFiles,
-                              WarmupCosineLambda, broadcast_object, build_lambda_scheduler,
-                              build_optimizer, check_output_dir, check_resume_consistency, cleanup_distributed,
-                              evaluate_classifier, finite_float, fit, init_distributed, load_training_checkpoint,
-                              make_eval_loader, make_grad_scaler, make_train_loader, model_settings_error,
-                              non_negative_float, non_negative_int, parse_args_with_config, positive_float,
-                              positive_int, resolve_precision, run_cli, seed_everything, set_tf32, setup_logging,
-                              unwrap_model, warn_if_single_class, wrap_ddp)
+                              WarmupCosineLambda, broadcast_object, build_lambda_scheduler, build_optimizer,
+                              check_output_dir, check_resume_consistency, cleanup_distributed, evaluate_classifier,
+                              finite_float, fit, init_distributed, load_training_checkpoint, make_eval_loader,
+                              make_grad_scaler, make_train_loader, model_settings_error, non_negative_float,
+                              non_negative_int, parse_args_with_config, positive_float, positive_int,
+                              resolve_precision, run_cli, schedule_settings, seed_everything, set_tf32, setup_logging,
+                              token_layout_setting, unwrap_model, warn_if_single_class, wrap_ddp)
 from cbsa_core.layers import check_rep_grid
 from cbsa_core.models import recorded_model_config
 from cbsa_core.registry import ALIASES
@@ -277,20 +277,9 @@ def _run_config(args: argparse.Namespace, **resolved: Any) -> Dict[str, Any]:
 
 
 def _resume_settings(args: argparse.Namespace, saved: Dict[str, Any], model: nn.Module) -> List[MustMatch]:
-    """What a resumed run must share with ``saved`` (engine rule: :mod:`cbsa_core.engine.resume`). The schedule's
-    length and warm-up are read from the scheduler state itself, which the resume restores."""
-    cfg = saved.get("config") or {}
-    lambdas = (saved.get("scheduler") or {}).get("lr_lambdas") or [None]
-    schedule = lambdas[0] if isinstance(lambdas[0], dict) else {}
-    checks = [
-        MustMatch("--epochs", args.epochs, schedule.get("epochs", cfg.get("epochs"))),
-        MustMatch("--warmup-epochs", args.warmup_epochs, schedule.get("warmup_epochs", cfg.get("warmup_epochs"))),
-        MustMatch("--optimizer", args.optimizer, cfg.get("optimizer")),
-        MustMatch("--lr", args.lr, cfg.get("lr")),
-        MustMatch("--wd", args.weight_decay, cfg.get("weight_decay"), dest="weight_decay"),
-    ]
-    if args.seed is not None:  # unset: the run continues with its recorded seed
-        checks.insert(0, MustMatch("--seed", args.seed, cfg.get("seed")))
+    """What a resumed run must share with ``saved`` (engine rule: :mod:`cbsa_core.engine.resume`): the recipe's
+    schedule and optimizer settings, every recorded model setting, and an explicitly requested token layout."""
+    checks = schedule_settings(args, saved)
     if checkpoint_kind(saved) == "cbsa":
         recorded = recorded_model_config(saved.get("model_config") or {})
         current = unwrap_model(model).model_config
@@ -301,13 +290,7 @@ def _resume_settings(args: argparse.Namespace, saved: Dict[str, Any], model: nn.
                    f"config file)")
             checks.append(MustMatch("--model-override", current[key], recorded[key], dest="model",
                                     what=f"model setting {key}", fix=fix))
-        if args.legacy_token_layout is not None:
-            legacy, _ = resolve_token_layout(saved)
-            flag = f"--{'' if args.legacy_token_layout else 'no-'}legacy-token-layout"
-            checks.append(MustMatch(flag, args.legacy_token_layout, legacy, dest="legacy_token_layout",
-                                    what="legacy_token_layout", fix=f"drop {flag}: the checkpoint records the layout "
-                                                                    "its weights were trained with"))
-    return checks
+    return checks + token_layout_setting(args.legacy_token_layout, saved)
 
 
 # ------------------------------------------------------------------------------------------------------ main

@@ -34,7 +34,8 @@ from .loop import default_unpack_batch, evaluate_classifier, train_one_epoch
 from .meters import AverageMeter, MetricLogger, accuracy, format_eta
 from .lion import Lion
 from .optim import OPTIMIZERS, build_optimizer
-from .resume import MustMatch, ResumeMismatchError, check_resume_consistency
+from .resume import (MustMatch, ResumeMismatchError, check_resume_consistency, schedule_settings,
+                     token_layout_setting)
 from .run_dir import OutputDir, OutputDirError, check_output_dir, check_output_file
 from .runner import (BEST_CHECKPOINT, LAST_CHECKPOINT, LOG_JSONL, RUN_CONFIG, Evaluator, RunFiles,
                      classifier_evaluator, fit, make_eval_loader, make_train_loader)
@@ -78,7 +79,7 @@ __all__ = [
     # optim
     "Lion", "OPTIMIZERS", "build_optimizer",
     # resume consistency
-    "MustMatch", "ResumeMismatchError", "check_resume_consistency",
+    "MustMatch", "ResumeMismatchError", "check_resume_consistency", "schedule_settings", "token_layout_setting",
     # output folder
     "OutputDir", "OutputDirError", "check_output_dir", "check_output_file",
     # runner

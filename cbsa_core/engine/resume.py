@@ -16,11 +16,13 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, List, Mapping, Optional
 
+from ..checkpoint import checkpoint_kind, resolve_token_layout
 from .config import ConfigError, setting_source
 
-__all__ = ["ResumeMismatchError", "MustMatch", "check_resume_consistency"]
+__all__ = ["ResumeMismatchError", "MustMatch", "check_resume_consistency", "schedule_settings",
+           "token_layout_setting"]
 
 
 class ResumeMismatchError(ConfigError):
@@ -89,3 +91,31 @@ def check_resume_consistency(checkpoint: str | os.PathLike, settings: Iterable[M
         raise ResumeMismatchError(
             f"{what} {_show(s.requested)}{where} differs from {_show(s.recorded)}, which --resume {checkpoint} was "
             f"trained with; {why}: {fix}, or {alternative}")
+
+
+def schedule_settings(args: argparse.Namespace, saved: Mapping[str, Any]) -> List[MustMatch]:
+    """The settings of the per-epoch warm-up/cosine recipe (classification, ViT fine-tuning) that a resume must share:
+    ``--seed`` (when given; unset continues with the recorded seed), ``--epochs`` and ``--warmup-epochs`` (read
+    from the scheduler state the resume restores, else the recorded config), ``--optimizer``, ``--lr``, ``--wd``."""
+    cfg = saved.get("config") or {}
+    lambdas = (saved.get("scheduler") or {}).get("lr_lambdas") or [None]
+    schedule = lambdas[0] if isinstance(lambdas[0], dict) else {}
+    checks = [MustMatch("--seed", args.seed, cfg.get("seed"))] if args.seed is not None else []
+    return checks + [
+        MustMatch("--epochs", args.epochs, schedule.get("epochs", cfg.get("epochs"))),
+        MustMatch("--warmup-epochs", args.warmup_epochs, schedule.get("warmup_epochs", cfg.get("warmup_epochs"))),
+        MustMatch("--optimizer", args.optimizer, cfg.get("optimizer")),
+        MustMatch("--lr", args.lr, cfg.get("lr")),
+        MustMatch("--wd", args.weight_decay, cfg.get("weight_decay"), dest="weight_decay"),
+    ]
+
+
+def token_layout_setting(requested: Optional[bool], saved: Mapping[str, Any]) -> List[MustMatch]:
+    """An explicit ``--[no-]legacy-token-layout`` must agree with the layout this project's checkpoint records (its
+    weights were trained with it); without the flag, or for files that record none, nothing is checked."""
+    if requested is None or checkpoint_kind(saved) != "cbsa":
+        return []
+    legacy, _ = resolve_token_layout(saved)
+    flag = f"--{'' if requested else 'no-'}legacy-token-layout"
+    return [MustMatch(flag, requested, legacy, dest="legacy_token_layout", what="legacy_token_layout",
+                      fix=f"drop {flag}: the checkpoint records the layout its weights were trained with")]
