@@ -14,10 +14,9 @@ from .patch_embed import ConvPatchEmbed, LinearPatchEmbed
 from .pos_embed import resample_pos_embed
 from .tssa import TSSA
 
-__all__ = ["CBSA", "MSSA", "TSSA", "ISTA", "LinearAttention", "ConvPatchEmbed", "LinearPatchEmbed", "resample_pos_embed",
-           "adaptive_pool_tokens",
-           "check_token_layout", "check_grid_size", "check_rep_grid", "build_attention", "attention_options",
-           "ATTENTION_KINDS", "ATTENTION_TYPES"]
+__all__ = ["CBSA", "MSSA", "TSSA", "ISTA", "LinearAttention", "ConvPatchEmbed", "LinearPatchEmbed",
+           "resample_pos_embed", "adaptive_pool_tokens", "check_token_layout", "check_grid_size", "check_rep_grid",
+           "build_attention", "attention_options", "ATTENTION_KINDS", "ATTENTION_TYPES"]
 
 # Attention kind -> (class, the constructor arguments that define the kind). Every other keyword argument of
 # the class's constructor is an option of the kind; the kind-defining ones are fixed and not options.
