@@ -4,7 +4,7 @@ These on-disk layouts are recognised:
 
 * ``cbsa``: this project's own files. A dict with ``format == "cbsa"``, ``format_version``,
   ``arch``, ``model_config`` and ``state_dict`` (plus optional training state).
-* ``authors_classification``: the official release (official-code.md §1.1.7),
+* ``authors_classification``: the official release (docs/authors-release.md §1.1.7),
   ``{'epoch', 'arch', 'state_dict', 'best_acc1', 'optimizer', 'scheduler'}`` with ``module.``-prefixed keys.
   The original CRATE's ``main.py`` (Ma-Lab-Berkeley/CRATE) writes the same wrapper; its files record CRATE's
   own arch names (``CRATE_tiny`` ... ``CRATE_large``, which clash with the release's), so for them the arch is

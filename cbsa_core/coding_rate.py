@@ -1,4 +1,4 @@
-"""Coding rates (paper §1, Eq. 1) and the per-layer compression term R^c (paper §5.10, Fig. 5).
+"""Coding rates (paper Eq. 1) and the per-layer compression term R^c (paper Fig. 5).
 
 Rows are tokens. For Z (…, N, d):   R(Z) = ½ logdet(I_d + d/(N ε²) ZᵀZ)
 (the d×d Gram form; it equals the N×N form of Eq. 1 by Sylvester's determinant identity).

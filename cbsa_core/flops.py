@@ -1,6 +1,7 @@
 """FLOPs and parameter accounting.
 
-Paper convention (paper §7): FLOPs = 2 × multiply-accumulates over matmuls and convolutions, with
+The paper's convention (see docs/REPRODUCING.md): FLOPs = 2 × multiply-accumulates over matmuls and
+convolutions, with
     CBSA / CBSA†   2·T·d·I + 3·T·m·I + 2·m²·I       (projections in and out, extraction ×2, broadcast, contraction ×2)
     agent          2·T·d·I + 3·T·m·I                (no contraction)
     MSSA           2·T·d·I + 2·T²·I
@@ -8,7 +9,7 @@ Paper convention (paper §7): FLOPs = 2 × multiply-accumulates over matmuls and
     ISTA           2·T·d²                           (the paper counts two d×d products, item 22)
 plus the patch embedding (the convolutional stem, or CRATE's linear one: h·w·(p²·C)·d, its LayerNorms not
 counted) and the classifier; T = 1 + h·w tokens. With I = d and m = 64 this gives 1.12 / 4.03 / 15.2 / 47.6 G for
-CBT-T/S/B/L against the paper's 1.1 / 4.0 / 15.1 / 47.3 G.
+CBT-T/S/B/L against the paper's 1.1 / 4.0 / 15.1 / 47.3 G (docs/authors-release.md item 22).
 
 The paper's CRATE-B/L numbers (12.6 / 43.3 G, cited from CRATE) are close to the same convention without the
 patch embedding and the classifier: the transformer layers alone (``layers`` of :func:`analytic_flops`, ISTA as

@@ -1,4 +1,4 @@
-"""ViT adaptation track: pretrained timm ViTs converted to CBSA-style attention (paper §4.3, Fig. 9).
+"""ViT adaptation track: pretrained timm ViTs converted to CBSA-style attention (the paper's Fig. 9).
 
     import timm
     from finetune_vit import convert_vit, create_vit

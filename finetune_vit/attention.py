@@ -1,4 +1,5 @@
-"""Replacement attention modules for pretrained timm ViTs (paper §4.3, official-code.md §2.3 and §3).
+"""Replacement attention modules for pretrained timm ViTs (the paper's ViT adaptation, Fig. 9;
+docs/authors-release.md §2.3 and §3).
 
 Every module here takes over the submodules of one ``timm.layers.Attention`` under their timm names
 (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``gate``, ``proj``, ``proj_drop``): the very same
@@ -9,14 +10,14 @@ Notation (rows are tokens): B batch, N = P + h·w tokens (P prefix tokens: [CLS]
 grid), H heads of width p, I = H·p, m = rh·rw representatives, s = p^-1/2. X_q, X_k, X_v (B, N, I) are the
 pretrained query/key/value projections of the (already normalised) block input.
 
-``cbsa_vee`` (CBSA^∨, the authors' released operator, official-code.md §2.3)::
+``cbsa_vee`` (CBSA^∨, the authors' released operator, docs/authors-release.md §2.3)::
 
     Q0      = AdaptiveAvgPool(grid of X_q)               pooled before the head split      (B,H,m,p)
     Q_delta = softmax_N(q_norm(Q0) s k_norm(X_k)ᵀ) X_v    extraction                         (B,H,m,p)
     out     = softmax_m(X_q s Q0ᵀ) Q_delta                broadcast: a fresh softmax over the reps
                                                            (B,H,N,p) -> merge heads -> norm -> proj
 
-``cbsa_star`` (CBSA*, paper §4.3: CBSA with the pretrained W_q, W_k, W_v in place of one shared U)::
+``cbsa_star`` (CBSA*, the paper's Fig. 9: CBSA with the pretrained W_q, W_k, W_v in place of one shared U)::
 
     A   = softmax_N(q_norm(Q0) s k_norm(X_k)ᵀ)            extraction matrix                  (B,H,m,N)
     Q   = Q0 + A X_v                                      representative update (plain residual)
@@ -24,10 +25,11 @@ pretrained query/key/value projections of the (already normalised) block input.
     out = Aᵀ C                                            broadcast through the transposed A (default), or
     out = softmax_m(X_q s Q0ᵀ) C                          ``broadcast='softmax'``: the release's broadcast
 
-  Choices (the paper leaves them open, paper.md §4.3 "Unresolved"): the update is the plain residual
-  ``Q = Q0 + Q_delta`` of the release's commented-out line, with no per-head step size, so no parameter is
-  added; the default broadcast reuses Aᵀ without renormalisation, as CBSA itself does (paper Eq. 7/8),
-  and the alternative keeps the release's separate softmax with the pooled queries Q0 as keys.
+  Choices (the paper describes CBSA* in words only, and the release has only commented-out lines for its update and
+  contraction, docs/authors-release.md item 27): the update is the plain residual ``Q = Q0 + Q_delta`` of the
+  release's commented-out line, with no per-head step size, so no parameter is added; the default broadcast reuses Aᵀ
+  without renormalisation, as CBSA itself does (paper Eq. 7/8), and the alternative keeps the release's separate
+  softmax with the pooled queries Q0 as keys.
 
 ``linear`` (the ReLU-kernel linear attention of the release's commented-out class; FLatten without the
 focusing function or the depth-wise conv), per head, with φ(x) = ReLU(x) + 1e-6::
@@ -172,7 +174,7 @@ class PooledRepresentativeAttention(ConvertedAttention):
         """Q0: (B, N, I) query projections -> (B, H, m, p), pooled before the head split as released.
 
         The legacy layout pools the first h·w tokens, i.e. the release's ``X_q[:, :-1]`` with one [CLS]
-        (official-code.md §2.9: [CLS] lands in cell (0, 0), the last patch is never pooled).
+        (docs/authors-release.md §2.9: [CLS] lands in cell (0, 0), the last patch is never pooled).
         """
         h, w = grid
         check_rep_grid(self.rep_grid, grid, layer=type(self).__name__, remedy="a smaller rep_grid or a larger image")
@@ -195,7 +197,7 @@ class PooledRepresentativeAttention(ConvertedAttention):
 
 
 class CBSAVeeAttention(PooledRepresentativeAttention):
-    """CBSA^∨: extraction plus softmax broadcast, no update or contraction (official-code.md §2.3)."""
+    """CBSA^∨: extraction plus softmax broadcast, no update or contraction (docs/authors-release.md §2.3)."""
 
     kind = "cbsa_vee"
 
@@ -207,7 +209,7 @@ class CBSAVeeAttention(PooledRepresentativeAttention):
 
 
 class CBSAStarAttention(PooledRepresentativeAttention):
-    """CBSA*: extraction, residual representative update, contraction among the reps, broadcast (paper §4.3)."""
+    """CBSA*: extraction, residual representative update, contraction among the reps, broadcast (paper Fig. 9)."""
 
     kind = "cbsa_star"
 

@@ -1,8 +1,8 @@
-"""Swap the attention of a pretrained timm ViT for a CBSA-style operator (paper §4.3, Fig. 9).
+"""Swap the attention of a pretrained timm ViT for a CBSA-style operator (the paper's ViT adaptation, Fig. 9).
 
 The ViT block (LN -> attention -> residual, LN -> MLP -> residual) and every weight are kept; only the
 attention computation of the chosen blocks changes. The release replaced every block (its
-``layer_idx <= 100`` gate, official-code.md item 26); ``layers`` selects a subset for hybrids.
+``layer_idx <= 100`` gate, docs/authors-release.md item 26); ``layers`` selects a subset for hybrids.
 """
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ def convert_vit(model: VisionTransformer, attention: str = "cbsa_vee", *, rep_gr
             attention) or ``mhsa`` (keep timm's attention; nothing is replaced).
         rep_grid: grid (rh, rw) of pooled representatives, m = rh·rw (64 as released).
         layers: block indices to convert; None converts all of them.
-        legacy_token_layout: pool the first h·w tokens like the release's ``X_q[:, :-1]`` (official-code.md
-            items 2 and 28) instead of exactly the patch tokens.
+        legacy_token_layout: pool the first h·w tokens like the release's ``X_q[:, :-1]``
+            (docs/authors-release.md items 2 and 28) instead of exactly the patch tokens.
         broadcast: CBSA* only: ``transpose`` (Aᵀ, as in CBSA) or ``softmax`` (the release's broadcast).
 
     The new modules reuse the ``qkv``/``proj`` (and norm/dropout) submodules, so parameters, their count and

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of plain and converted ViTs in the paper's convention (paper.md §5.5 and §7).
+"""Analytic FLOPs of plain and converted ViTs in the paper's convention (see docs/REPRODUCING.md).
 
 FLOPs = 2 × multiply-accumulates of the matmuls and convolutions; softmax, pooling, norms, biases and
 GELU are not counted. Per block, with N tokens (1 + h·w), width d, attention width I = H·p (= d for the
@@ -12,9 +12,10 @@ timm ViTs), m representatives and MLP width r·d:
                                            (X_q Q0ᵀ, then the product with Q_delta)
     mlp         2·N·d·r·d                  (8·N·d² for r = 4)
 
-plus the patch embedding h·w·(C·P²)·d and the classifier d·classes. The first four are the formulas of
-paper §5.5 with I = d; cbsa_vee is counted as the released operator actually runs (paper §5.4's CBSA^∨
-points sit closer to 4·N·d² + 2·N·m·d, see ``scripts/vit_flops.py``). ``linear`` leaves out its
+plus the patch embedding h·w·(C·P²)·d and the classifier d·classes. With I = d, mhsa, linear and cbsa_star are
+the per-layer formulas that the paper's FLOPs-versus-N curves fit (values read off the plots of Fig. 2 and of the
+authors' README, digitised); cbsa_vee is counted as the released operator actually runs (the CBSA^∨ points of the
+paper's Fig. 9 sit closer to 4·N·d² + 2·N·m·d, see ``scripts/vit_flops.py``). ``linear`` leaves out its
 normaliser φ(q)·mean φ(k) (N·I more), as the paper does.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ VIT_SHAPES = {
     "base": ViTShape(768, 12, 12), "large": ViTShape(1024, 24, 16),
 }
 
-# Paper Fig. 9 (paper.md §5.4, digitised): total GFLOPs per (image size, model size) and variant.
+# Paper Fig. 9, values read off the figure (digitised): total GFLOPs per (image size, model size) and variant.
 PAPER_FIG9: Dict[Tuple[int, str], Dict[str, float]] = {
     (224, "tiny"): dict(mhsa=2.5, linear=2.0, cbsa_star=2.3, cbsa_vee=2.3),
     (224, "small"): dict(mhsa=9.1, linear=8.6, cbsa_star=8.9, cbsa_vee=8.7),

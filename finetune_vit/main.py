@@ -10,13 +10,13 @@ The seed's command (run inside ``finetune_vit/`` or as ``python -m finetune_vit.
 ``torchrun --nproc_per_node=8 main.py ...`` (each rank binds ``cuda:LOCAL_RANK``; ``--batch-size`` is the
 global batch, split evenly over the ranks).
 
-Recipe of the release (official-code.md §1.2): all parameters fine-tuned, one AdamW/Lion param group,
-10 warm-up epochs then cosine (``lr_e = lr·min((e+1)/10, ½(1+cos(πe/E)))``, stepped per epoch), label
-smoothing 0.1, fp16 autocast with ``GradScaler(init_scale=8192)`` on CUDA, fp32 evaluation, no gradient
-clipping. Here ``--precision auto`` keeps that fp16 recipe on GPUs without native bf16 and trains in bf16 on newer
-ones (no loss scaling needed); TF32 is on for the remaining fp32 maths unless ``--no-tf32``. Transforms follow the
-arch's size: RandomResizedCrop(S) + flip for training, Resize(⌊S/0.875⌋) + CenterCrop(S) for evaluation (224/256 and 384/438), normalised with ImageNet statistics as released
-(``--norm inception`` uses the augreg weights' own 0.5/0.5).
+Recipe of the release (docs/authors-release.md §1.2): all parameters fine-tuned, one AdamW/Lion param group, 10
+warm-up epochs then cosine (``lr_e = lr·min((e+1)/10, ½(1+cos(πe/E)))``, stepped per epoch), label smoothing 0.1, fp16
+autocast with ``GradScaler(init_scale=8192)`` on CUDA, fp32 evaluation, no gradient clipping. Here
+``--precision auto`` keeps that fp16 recipe on GPUs without native bf16 and trains in bf16 on newer ones (no loss
+scaling needed); TF32 is on for the remaining fp32 maths unless ``--no-tf32``. Transforms follow the arch's size:
+RandomResizedCrop(S) + flip for training, Resize(⌊S/0.875⌋) + CenterCrop(S) for evaluation (224/256 and 384/438),
+normalised with ImageNet statistics as released (``--norm inception`` uses the augreg weights' own 0.5/0.5).
 
 Without ``--pretrained-file`` the weights are random (nothing is ever downloaded). The token layout follows the
 core's one rule (:func:`cbsa_core.checkpoint.resolve_token_layout`): the authors' fine-tuned files

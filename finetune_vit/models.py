@@ -1,7 +1,7 @@
 """Build the timm ViTs of the adaptation track and load their pretrained weights from a local file.
 
 The release built ``vit_{tiny,small,base,large}_patch16_{224,384}`` with ``pretrained=True``, i.e. timm's
-ImageNet-21k "augreg" checkpoints (official-code.md §3). Here nothing is downloaded: the model is always
+ImageNet-21k "augreg" checkpoints (docs/authors-release.md §3). Here nothing is downloaded: the model is always
 created with ``pretrained=False`` and the weights come from a file the user names, in any of timm's
 formats:
 
@@ -16,8 +16,8 @@ are tolerated, as in timm's pretrained loading: another input resolution (the po
 resampled) and another number of classes (the classifier is left at its fresh initialisation).
 
 The authors' fine-tuned ViTs (``{'state_dict': {'module.' + key: ...}, 'arch', 'best_acc1', ...}``) were trained
-with the release's ``X_q[:, :-1]`` pooling (official-code.md item 28): :func:`create_vit` switches the legacy token
-layout on for them unless told otherwise.
+with the release's ``X_q[:, :-1]`` pooling (docs/authors-release.md item 28): :func:`create_vit` switches the legacy
+token layout on for them unless told otherwise.
 """
 from __future__ import annotations
 

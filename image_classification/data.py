@@ -3,7 +3,7 @@
 All three kinds yield ``(image tensor (3, S, S), class index)`` and go through the same loaders, loop and
 checkpointing in :mod:`image_classification.main`.
 
-* ``imagefolder``: ``<data>/train/<class>/*`` and ``<data>/val/<class>/*`` (official-code.md §1.1.4), read by
+* ``imagefolder``: ``<data>/train/<class>/*`` and ``<data>/val/<class>/*`` (docs/authors-release.md §1.1.4), read by
   :func:`cbsa_core.data.imagefolder.build_imagefolder`. Unreadable images follow ``--bad-images``:
   ``fail`` (default) stops with the file's path; ``skip`` substitutes the next readable image and counts it.
 * ``digits``: scikit-learn's 1,797 bundled 8×8 handwritten digits, bilinearly upsampled to ``input_size``

@@ -8,17 +8,18 @@ The authors' commands work verbatim, from inside this folder or as a module::
     torchrun --nproc_per_node=8 main.py --config ../configs/classification/cbt_s.yaml --data /data/imagenet
     python -m image_classification.main --config configs/classification/digits.yaml --output-dir runs/demo
 
-Recipe (paper §6, official-code.md §1.1.5): label-smoothed CE, Lion with one parameter group (weight decay on
-everything), the release's per-epoch warm-up/cosine ``LambdaLR`` stepped after validation, mixed precision on CUDA,
-fp32 validation. The release's fp16 + GradScaler is used on GPUs without native bf16; newer GPUs train in bf16 by
-default (same range as fp32: no loss scaling, no skipped steps), and TF32 is on for the remaining fp32 maths
-(``--precision``, ``--no-tf32``). Departures from the release, all fixes of its bugs: the schedule (warm-up included) is
-restored on ``--resume`` (item 13), outputs go to ``--output-dir`` instead of the CWD (item 17), validation is exact
-under DDP, the train metrics are all-reduced, and NaN/Inf stops the run without saving or scoring the model. The run
-lifecycle (output folder rule, resume consistency, NaN/Inf policy, exit codes, signals), the epoch loop, loaders and
-config file machinery are the engine's (:func:`cbsa_core.engine.fit`, :mod:`cbsa_core.engine.config`), shared with
-the other two tracks. ``--legacy-token-layout/--no-legacy-token-layout`` overrides the token layout that the file
-given to ``--resume``, ``--evaluate`` or ``--finetune`` implies (:func:`cbsa_core.checkpoint.resolve_token_layout`).
+Recipe (the paper's Appendix C, docs/authors-release.md §1.1.5): label-smoothed CE, Lion with one parameter group
+(weight decay on everything), the release's per-epoch warm-up/cosine ``LambdaLR`` stepped after validation, mixed
+precision on CUDA, fp32 validation. The release's fp16 + GradScaler is used on GPUs without native bf16; newer GPUs
+train in bf16 by default (same range as fp32: no loss scaling, no skipped steps), and TF32 is on for the remaining
+fp32 maths (``--precision``, ``--no-tf32``). Departures from the release, all fixes of its bugs: the schedule (warm-up
+included) is restored on ``--resume`` (item 13), outputs go to ``--output-dir`` instead of the CWD (item 17),
+validation is exact under DDP, the train metrics are all-reduced, and NaN/Inf stops the run without saving or scoring
+the model. The run lifecycle (output folder rule, resume consistency, NaN/Inf policy, exit codes, signals), the epoch
+loop, loaders and config file machinery are the engine's (:func:`cbsa_core.engine.fit`,
+:mod:`cbsa_core.engine.config`), shared with the other two tracks. ``--legacy-token-layout/--no-legacy-token-layout``
+overrides the token layout that the file given to ``--resume``, ``--evaluate`` or ``--finetune`` implies
+(:func:`cbsa_core.checkpoint.resolve_token_layout`).
 
 ``--batch-size`` is the total batch per node, as released: each of the node's processes gets
 ``batch_size // LOCAL_WORLD_SIZE`` images per step (and ``ceil(workers / LOCAL_WORLD_SIZE)`` loader workers).
@@ -87,7 +88,7 @@ def _optimizer_name(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The release's flags with its defaults (official-code.md §1.1.2), plus this project's additions."""
+    """The release's flags with its defaults (docs/authors-release.md §1.1.2), plus this project's additions."""
     p = argparse.ArgumentParser(description="CBT image classification (CBSA, NeurIPS 2025)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # --- the release's flags and defaults

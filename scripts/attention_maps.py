@@ -2,7 +2,7 @@
 """Class-token attention maps per layer and head (paper Fig. 7), overlaid on the input image.
 
 * CBT models (this project's checkpoints, the authors' release, or random weights): the [CLS] row of the
-  paper's attention estimate AᵀA (paper §2.1, "attention map used for visualisation"), from
+  paper's attention estimate AᵀA (A_k A_kᵀ in the paper's column notation, the map its Fig. 7 shows), from
   ``model.attention_maps(img)``. Layers that are not CBSA (MSSA in the CRATE+CBT hybrid, TSSA) give their
   own map (softmax attention for MSSA, the release's ``return_attn`` for TSSA).
 * timm ViTs (``--timm vit_small_patch16_224``; random weights or a local file): the [CLS] row of the

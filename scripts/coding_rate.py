@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Coding-rate measurements of paper §5.10: the per-layer compression term (Figs. 5 and 10) and the
-coding-rate reduction by each CBSA layer and head (Fig. 6).
+"""Coding-rate measurements of the paper's Figs. 5, 6 and 10: the per-layer compression term (Figs. 5 and 10)
+and the coding-rate reduction by each CBSA layer and head (Fig. 6).
 
 Compression term (Fig. 5): for every model and attention layer, R^c(Z|U) = Σ_k R(U_kᵀZ) of the layer's
 projected tokens (``cbsa_core.coding_rate.layerwise_compression``: the ``qkv`` hook point of CBSA, the

@@ -14,8 +14,8 @@ DEPICT-SA and -CA, and the ToST (TSSA) decoder, on a 512² crop (a 32×32 patch 
   match this column, so it appears to count Segmenter's blocks only;
 * measured (``--measured``): what torch's FlopCounterMode counts on one forward of the decoder (math SDPA);
   CBSA's folded output projection makes CBT's count differ from the analytic one;
-* paper (digitised): Fig. 8 left (paper.md §5.6); CBT's values are the README's exact ones. The paper does
-  not say which DEPICT variant it plots; its values are shown on the DEPICT-SA rows.
+* paper (digitised): values read off Fig. 8 left; CBT's values are the authors' README's exact ones. The paper
+  does not say which DEPICT variant it plots; its values are shown on the DEPICT-SA rows.
 
 The ToST decoder has 3 heads like CBT's; TSSA splits D into heads, and 1024 does not divide by 3, so its L row
 uses 4 heads. ToST is not in Fig. 8 left (only in the robustness plots).

@@ -1,4 +1,4 @@
-"""The authors' classification CBSA forward, re-implemented as released (official-code.md §2.1).
+"""The authors' classification CBSA forward, re-implemented as released (docs/authors-release.md §2.1).
 
 Used only as the "authors' implementation, measured here the same way" baseline of
 ``scripts/benchmark_attention.py``. It keeps the release's structure and cost: einops ``rearrange`` head

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Robustness to parameter perturbation (paper §5.7, Fig. 8 middle and right).
+"""Robustness to parameter perturbation (paper Fig. 8 middle and right).
 
 Zero-mean Gaussian noise of standard deviation σ (absolute, not relative to the weights) is added
 independently to every parameter of a chosen module set, the metric is re-evaluated, and the weights are

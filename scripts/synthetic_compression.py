@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Synthetic compression experiment (paper §5.9, Fig. 4): noisy points on 10 lines through the origin in
+"""Synthetic compression experiment (paper Fig. 4): noisy points on 10 lines through the origin in
 R³ collapse onto the lines under the parameter-free linear-attention form of CBSA.
 
 Data: 10 unit directions u_j, drawn at random (seeded) with every pair at least ``--min-angle`` degrees

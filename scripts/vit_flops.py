@@ -3,7 +3,7 @@
 
 Counts are analytic, in the paper's convention (2 × multiply-accumulates; finetune_vit/flops.py lists the
 per-layer formulas) for vit_{tiny,small,base,large}_patch16 at 224 and 384 with m = 64 representatives.
-The paper's values are read off Fig. 9 (paper.md §5.4, about ±0.1-1 GFLOPs of digitisation error).
+The paper's values are read off Fig. 9 (digitised, with about ±0.1-1 GFLOPs of digitisation error).
 
     python scripts/vit_flops.py                 # all sizes, both resolutions
     python scripts/vit_flops.py --sizes tiny small --resolutions 224 --vee-paper-count

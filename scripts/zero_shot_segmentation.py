@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Zero-shot (emergent) segmentation from class-token attention maps (paper §5.8, Tables 5 and 6).
+"""Zero-shot (emergent) segmentation from class-token attention maps (paper Tables 5 and 6, Appendix C).
 
 Every layer's and head's [CLS] map (``attention_maps.class_token_maps``: AᵀA for CBSA, softmax for
 MSSA/timm) is turned into three masks and scored by the Jaccard index (IoU) against a PASCAL-VOC-format

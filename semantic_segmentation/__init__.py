@@ -1,4 +1,4 @@
-"""Semantic segmentation track: Segmenter ViT encoder + the CBT mask-transformer decoder (paper §4.2, §5.6) and
+"""Semantic segmentation track: Segmenter ViT encoder + the CBT mask-transformer decoder (paper Fig. 8 left) and
 the decoders it is compared with (Segmenter's mask transformer and linear decoder, DEPICT-SA/CA, ToST; Fig. 8).
 
     from semantic_segmentation import load_model, build_dataset, evaluate_miou, save_pretrained

@@ -38,7 +38,7 @@ __all__ = ["DatasetError", "SegmentationFolder", "ADE20K", "ADE20K_CLASSES", "DA
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-# config.yml `dataset.*` of the release (official-code.md §4.4).
+# config.yml `dataset.*` of the release (docs/authors-release.md §4.4).
 DATASET_DEFAULTS: Dict[str, Dict[str, object]] = {
     "ade20k": dict(epochs=64, eval_freq=2, batch_size=8, learning_rate=1e-3, im_size=512, crop_size=512,
                    window_size=512, window_stride=512, n_cls=150),

@@ -1,6 +1,7 @@
 """Segmentation decoders: one mask-transformer skeleton with pluggable token mixing, and Segmenter's linear head.
 
-Every mask decoder runs the skeleton :meth:`MaskDecoder.forward` (paper §4.2; docs/authors-release.md §4.1):
+Every mask decoder runs the skeleton :meth:`MaskDecoder.forward` (the paper's CBT decoder;
+docs/authors-release.md §4.1):
 
     x      = proj_dec(x)                                  Segmenter only: encoder width -> decoder width
     P, C   = mix(x, cls_emb, (h, w))                       the part that differs between the decoders
@@ -153,7 +154,7 @@ class MaskDecoder(nn.Module):
 
     @property
     def attention_layers(self) -> List[nn.Module]:
-        """The modules whose parameters are "the decoder's attention layers" (paper §5.7)."""
+        """The modules whose parameters are "the decoder's attention layers" (paper Fig. 8 middle, right)."""
         raise NotImplementedError
 
     def class_embeddings(self, batch: int, dtype: torch.dtype) -> torch.Tensor:

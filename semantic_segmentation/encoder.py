@@ -1,4 +1,4 @@
-"""Segmenter's ViT encoder (official-code.md §4.1), built on timm's ``VisionTransformer``.
+"""Segmenter's ViT encoder (docs/authors-release.md §4.1), built on timm's ``VisionTransformer``.
 
 Segmenter's own ViT and timm's share every parameter name (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``,
@@ -39,7 +39,7 @@ __all__ = ["BACKBONES", "PRETRAINED_WEIGHTS", "SegmenterViT", "create_encoder", 
 
 _LOG = logging.getLogger(__name__)
 
-# The backbone table of the release's config.yml (official-code.md §4.4). ``normalization`` picks the
+# The backbone table of the release's config.yml (docs/authors-release.md §4.4). ``normalization`` picks the
 # input statistics of the data pipeline (transforms.NORMALIZATION).
 BACKBONES: Dict[str, Dict[str, object]] = {
     "vit_tiny_patch16_384": dict(d_model=192, n_heads=3, n_layers=12, patch_size=16, normalization="vit"),
@@ -75,8 +75,9 @@ def segmenter_block(dim: int, n_heads: int, d_ff: int, dropout: float = 0.0, dro
     return Block(dim, n_heads, mlp_ratio=d_ff / dim, qkv_bias=True, proj_drop=dropout, attn_drop=dropout,
                  drop_path=drop_path, norm_layer=SEGMENTER_NORM)
 
-# The ImageNet weights each backbone starts from in the release (timm's default for the name; official-code.md
-# §4.1), as timm 1.x tags. Nothing downloads: ``--pretrained-file`` must point at a local copy.
+# The ImageNet weights each backbone starts from in the release (timm's default for the name;
+# docs/authors-release.md §4.1), as timm 1.x tags. Nothing downloads: ``--pretrained-file`` must point at a
+# local copy.
 PRETRAINED_WEIGHTS: Dict[str, str] = {
     **{f"vit_{s}_patch16_384": f"vit_{s}_patch16_384.augreg_in21k_ft_in1k" for s in ("tiny", "small", "base", "large")},
     **{f"deit_{s}_patch16_224": f"deit_{s}_patch16_224.fb_in1k" for s in ("tiny", "small", "base")},

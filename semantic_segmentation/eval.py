@@ -1,4 +1,4 @@
-"""mIoU of a segmentation checkpoint (the release's ``segm.eval.miou``, official-code.md §4.3).
+"""mIoU of a segmentation checkpoint (the release's ``segm.eval.miou``, docs/authors-release.md §4.3).
 
     python eval.py log/CBT-Small/checkpoint.pth ade20k --singlescale [--data-root /data]
     torchrun --nproc_per_node=8 -m semantic_segmentation.eval ckpt.pth ade20k --multiscale

@@ -1,8 +1,8 @@
-"""Decoder-only FLOPs of every segmentation decoder (paper Fig. 8 left, §5.6).
+"""Decoder-only FLOPs of every segmentation decoder (paper Fig. 8 left).
 
-Paper convention (paper §7): FLOPs = 2 × multiply-accumulates of the matrix products, counted analytically
-for one image; norms, softmaxes, pooling and element-wise steps are not counted. With N = h·w patch tokens,
-K classes, D the decoder width, I = heads·head width:
+The paper's convention (see docs/REPRODUCING.md): FLOPs = 2 × multiply-accumulates of the matrix products, counted
+analytically for one image; norms, softmaxes, pooling and element-wise steps are not counted. With N = h·w patch
+tokens, K classes, D the decoder width, I = heads·head width:
 
     CBSA layer (CBT, CBT†)      2·T·D·I + 3·T·m·I + 2·m²·I     on T = N + K tokens, m representatives
     TSSA layer (ToST)           2·T·D² + T·D
@@ -75,8 +75,8 @@ def decoder_flops(decoder: nn.Module, grid_size: Sequence[int]) -> Dict[str, flo
     return {k: 2.0 * v for k, v in decoder_macs(decoder, grid_size).items()}
 
 
-# Fig. 8 left (paper.md §5.6): decoder GFLOPs per (decoder, size). CBT's are the README's exact values, the
-# rest digitised from the plot; the paper does not say which DEPICT variant it plots (DEPICT-SA is DEPICT's
+# Fig. 8 left: decoder GFLOPs per (decoder, size). CBT's are the authors' README's exact values, the rest
+# read off the figure (digitised); the paper does not say which DEPICT variant it plots (DEPICT-SA is DEPICT's
 # default and the README's example). Segmenter-L is the 640² model (Seg-L-Mask/16 is trained at 640).
 PAPER_DECODER_GFLOPS = {
     ("cbt", "T"): 1.5, ("cbt", "S"): 2.3, ("cbt", "B"): 7.8, ("cbt", "L"): 22.3,

@@ -1,4 +1,4 @@
-"""Train a Segmenter ViT + CBT decoder (the release's ``segm.train``, official-code.md §1.3).
+"""Train a Segmenter ViT + CBT decoder (the release's ``segm.train``, docs/authors-release.md §1.3).
 
 Run inside ``semantic_segmentation/`` or as a module, on one process or under torchrun::
 
@@ -7,12 +7,12 @@ Run inside ``semantic_segmentation/`` or as a module, on one process or under to
     torchrun --nproc_per_node=8 -m semantic_segmentation.main --config configs/segmentation/cbt_s.yaml \\
         --log-dir log/CBT-Small --data-root /data --pretrained-file vit_small_patch16_384.augreg.npz
 
-Recipe (config.yml / §1.3.4): SGD lr 1e-3, momentum 0.9 (Nesterov, as timm's 'sgd'), weight decay 0 (a positive
-``--weight-decay`` spares norms, biases, pos_embed/cls_token/cls_emb, as timm's create_optimizer), polynomial
-decay (power 0.9) to 1e-5 stepped every iteration, 64 epochs, global batch 8, drop-path 0.1, cross-entropy
-ignoring 255, evaluation every 2 epochs with 512 windows and stride 512 (variants below the window upscaled to it,
-as in the release), fp32 training (``--amp``: the GPU's mixed precision, bf16 where native, else fp16 +
-GradScaler; ``--precision`` chooses) with TF32 on (``--no-tf32``). The encoder's unused classifier head is frozen,
+Recipe (the release's config.yml, docs/authors-release.md §1.3.4): SGD lr 1e-3, momentum 0.9 (Nesterov, as timm's
+'sgd'), weight decay 0 (a positive ``--weight-decay`` spares norms, biases, pos_embed/cls_token/cls_emb, as timm's
+create_optimizer), polynomial decay (power 0.9) to 1e-5 stepped every iteration, 64 epochs, global batch 8, drop-path
+0.1, cross-entropy ignoring 255, evaluation every 2 epochs with 512 windows and stride 512 (variants below the window
+upscaled to it, as in the release), fp32 training (``--amp``: the GPU's mixed precision, bf16 where native, else fp16
++ GradScaler; ``--precision`` chooses) with TF32 on (``--no-tf32``). The encoder's unused classifier head is frozen,
 so DDP runs without ``find_unused_parameters``.
 
 ``log_dir`` receives ``checkpoint.pth`` (atomic, every epoch; ``--resume``, the default, continues from it exactly

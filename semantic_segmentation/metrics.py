@@ -1,4 +1,4 @@
-"""Segmentation metrics from a confusion matrix (mmseg ``mean_iou`` semantics, official-code.md §4.3).
+"""Segmentation metrics from a confusion matrix (mmseg ``mean_iou`` semantics, docs/authors-release.md §4.3).
 
 Per-class intersections and unions are summed over the whole evaluation set before dividing (no per-image
 averaging); pixels labelled 255 are ignored. ``IoU_c = I_c / U_c``; classes with ``U_c = 0`` (absent from

@@ -1,4 +1,4 @@
-"""ADE20K transforms with mmseg 0.14.1 semantics (official-code.md §4.2), on mmcv-lite image ops.
+"""ADE20K transforms with mmseg 0.14.1 semantics (docs/authors-release.md §4.2), on mmcv-lite image ops.
 
 Images are BGR uint8 (H, W, 3) as ``mmcv.imread`` returns them; label maps are uint8 (H, W) with 255 =
 ignore. Randomness comes from an explicit ``numpy.random.Generator`` so every worker and every resumed run

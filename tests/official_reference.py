@@ -1,8 +1,9 @@
 """Independent re-implementation of the authors' released classification code, used as a test oracle.
 
-Written from the audit /work/shared/spec/official-code.md (§1.1.3 architectures, §1.1.7 checkpoint layout,
-§2.1 CBSA, §2.4 MSSA, §2.5 TSSA, §2.6 ISTA, §2.7 ConvPatchEmbed, §2.8 composition), NOT from cbsa_core:
-it deliberately keeps every quirk of the release so that the authors' checkpoints can be mimicked:
+An independent re-statement of the authors' code as docs/authors-release.md describes it (§1.1.3 architectures,
+§1.1.7 checkpoint layout, §2.1 CBSA, §2.4 MSSA, §2.5 TSSA, §2.6 ISTA, §2.7 ConvPatchEmbed, §2.8 composition; the
+§ and item numbers below are that page's), NOT derived from cbsa_core: it deliberately keeps every quirk of the
+release so that the authors' checkpoints can be mimicked:
 
 * CBSA infers a square grid with ``int(sqrt(n))`` and pools ``w[:, :-1]`` (the [CLS] token lands in
   grid cell (0, 0), the last patch is never pooled), with a hard-coded 8×8 pool and ``reshape(b, 64, ...)``;

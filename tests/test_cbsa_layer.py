@@ -1,4 +1,5 @@
-"""CBSA layer against an independent implementation of the paper's equations (paper.md §2.1, §2.3).
+"""CBSA layer against an independent implementation of the paper's equations (paper Eqs. 5-8; the released
+layer's details, e.g. pooling before the head split, as docs/authors-release.md §2.1 states them).
 
 The reference below is written from the equations, head by head with explicit loops and explicit pooling
 bins, and shares nothing with cbsa_core except the parameter values it reads from the layer.
@@ -23,7 +24,7 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 # Independent reference
 # ------------------------------------------------------------------------------------------------
 def pool_bins(size: int, out: int) -> List[Tuple[int, int]]:
-    """Adaptive-average-pool bins: bin i covers [floor(i·S/r), ceil((i+1)·S/r)) (official-code.md §2.9)."""
+    """Adaptive-average-pool bins: bin i covers [floor(i·S/r), ceil((i+1)·S/r)) (docs/authors-release.md §2.9)."""
     return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
 
 
@@ -200,7 +201,8 @@ def _support_of_bins(size: int, out: int) -> List[Tuple[int, int]]:
 
 
 def test_pool_bins_of_the_release_are_the_overlapping_14_to_8_bins():
-    expected_14_8 = [(0, 2), (1, 4), (3, 6), (5, 7), (7, 9), (8, 11), (10, 13), (12, 14)]   # official-code.md §2.9
+    # The bins docs/authors-release.md §2.9 lists.
+    expected_14_8 = [(0, 2), (1, 4), (3, 6), (5, 7), (7, 9), (8, 11), (10, 13), (12, 14)]
     expected_32_10 = [(0, 4), (3, 7), (6, 10), (9, 13), (12, 16), (16, 20), (19, 23), (22, 26), (25, 29), (28, 32)]
     assert _support_of_bins(14, 8) == pool_bins(14, 8) == expected_14_8
     assert _support_of_bins(32, 10) == pool_bins(32, 10) == expected_32_10

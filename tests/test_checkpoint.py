@@ -24,7 +24,7 @@ def _release_lr_lambda(epoch: int, warmup: int = 20, epochs: int = 150) -> float
 
 def write_authors_checkpoint(path, arch: str, seed: int, **overrides) -> nn.Module:
     """A release-style file: random weights (incl. BN stats, step sizes), a real Lion/LambdaLR state,
-    ``module.``-prefixed keys, 0-d tensor best_acc1 (official-code.md §1.1.7)."""
+    ``module.``-prefixed keys, 0-d tensor best_acc1 (docs/authors-release.md §1.1.7)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = ref.randomize_(ref.build(arch, **overrides), generator=g)

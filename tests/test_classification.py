@@ -219,7 +219,7 @@ def test_table_configs_hold_the_paper_recipe(name):
 
 def test_transfer_and_digits_configs():
     a = icm.parse_args(["--config", str(REPO / "configs/classification/transfer_finetune.yaml")])
-    assert (a.optimizer, a.lr, a.weight_decay, a.batch_size) == ("AdamW", 5e-5, 0.01, 64)  # paper §6
+    assert (a.optimizer, a.lr, a.weight_decay, a.batch_size) == ("AdamW", 5e-5, 0.01, 64)  # the paper's values
     a = icm.parse_args(["--config", str(REPO / "configs/classification/digits.yaml")])
     assert a.dataset == "digits" and a.model["image_size"] == a.input_size == 32 and a.model["patch_size"] == 4
 
@@ -314,8 +314,9 @@ def test_evaluate_authors_checkpoint_uses_legacy_layout(trained, data_root, tiny
 
 
 def test_resume_is_bit_exact(tmp_path, data_root, tiny_cfg):
-    """3 epochs straight == 1 epoch + resume + 2 epochs, with the resume inside the warm-up (item 13): at epoch 1
-    the warm-up factor 2/3 is below the cosine's 0.75, so a resume that dropped the warm-up would differ."""
+    """3 epochs straight == 1 epoch + resume + 2 epochs, with the resume inside the warm-up (docs/authors-release.md
+    item 13): at epoch 1 the warm-up factor 2/3 is below the cosine's 0.75, so a resume that dropped the warm-up
+    would differ."""
     common = ("--epochs", "3", "--warmup-epochs", "3")
     run_main(tiny_cfg, data_root, tmp_path / "a", *common)
     run_main(tiny_cfg, data_root, tmp_path / "b", *common, "--stop-epoch", "1")

@@ -1,4 +1,4 @@
-"""Coding rates (paper Eq. 1) and the per-layer compression term R^c (paper §5.10)."""
+"""Coding rates (paper Eq. 1) and the per-layer compression term R^c (paper Fig. 5)."""
 from __future__ import annotations
 
 import math

@@ -1,9 +1,9 @@
 """finetune_vit.convert_vit and its attention modules against reference formulas written here.
 
-The references follow official-code.md §2.3 (CBSA^∨ as released, including its ``X_q[:, :-1]`` pooling
-with a square grid from int(sqrt(N))), paper §4.3 (CBSA*) and the release's commented-out ReLU-kernel
-linear attention. Adaptive pooling is re-derived from its bins (official-code.md §2.9), not taken from
-torch or cbsa_core.
+The references follow docs/authors-release.md §2.3 (CBSA^∨ as released, including its ``X_q[:, :-1]`` pooling
+with a square grid from int(sqrt(N))), the paper's CBSA* (Fig. 9; item 27 of that page) and the release's
+commented-out ReLU-kernel linear attention. Adaptive pooling is re-derived from its bins
+(docs/authors-release.md §2.9), not taken from torch or cbsa_core.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def tiny_vit(**overrides) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------------ references
 def pool_bins(size: int, out: int) -> list[tuple[int, int]]:
-    """Adaptive-pool bin i covers [floor(i*S/r), ceil((i+1)*S/r)) (official-code.md §2.9)."""
+    """Adaptive-pool bin i covers [floor(i*S/r), ceil((i+1)*S/r)) (docs/authors-release.md §2.9)."""
     return [(math.floor(i * size / out), math.ceil((i + 1) * size / out)) for i in range(out)]
 
 
@@ -91,7 +91,7 @@ def ref_pooled_queries(xq, grid, legacy, rep_grid, prefix=1):
 
 
 def ref_cbsa_vee(attn, x, grid, legacy, rep_grid, heads, prefix=1):
-    """official-code.md §2.3 steps 1-7."""
+    """docs/authors-release.md §2.3 steps 1-7."""
     xq, xk, xv = ref_qkv(attn, x)
     q0 = ref_pooled_queries(xq, grid, legacy, rep_grid, prefix)  # (B, m, C), pooled before the head split
     p = xq.shape[-1] // heads
@@ -104,7 +104,7 @@ def ref_cbsa_vee(attn, x, grid, legacy, rep_grid, heads, prefix=1):
 
 
 def ref_cbsa_star(attn, x, grid, rep_grid, heads, broadcast):
-    """paper §4.3: Q = Q0 + A V, C = attention(Q, Q, Q), out = Aᵀ C (or the release's softmax broadcast)."""
+    """CBSA* (paper Fig. 9): Q = Q0 + A V, C = attention(Q, Q, Q), out = Aᵀ C (or the release's softmax broadcast)."""
     xq, xk, xv = ref_qkv(attn, x)
     q0 = ref_pooled_queries(xq, grid, False, rep_grid)
     p = xq.shape[-1] // heads

@@ -1,4 +1,5 @@
-"""Analytic FLOPs of the ViT-adaptation variants (paper Fig. 9 / §5.5) and scripts/vit_flops.py."""
+"""Analytic FLOPs of the ViT-adaptation variants (paper Fig. 9, and the per-layer FLOPs-versus-N plots) and
+scripts/vit_flops.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -35,7 +36,7 @@ def test_totals_match_hand_computation():
 
 
 @pytest.mark.parametrize("variant,n,paper", [
-    # paper.md §5.5, ViT-T (d = 192) per-layer GFLOPs digitised from the release's plots
+    # ViT-T (d = 192) per-layer GFLOPs read off the authors' README plot of FLOPs against N (digitised)
     ("mhsa", 196, 0.088), ("cbsa_star", 196, 0.075), ("linear", 196, 0.067),
     ("mhsa", 4096, 14.1), ("cbsa_star", 4096, 1.5), ("linear", 4096, 1.4),
 ])

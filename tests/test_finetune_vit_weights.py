@@ -157,7 +157,7 @@ def _legacy_flags(model) -> list:
 
 
 def test_authors_finetuned_file_switches_on_the_legacy_layout(tmp_path, caplog):
-    """The release's fine-tuned ViTs pooled X_q[:, :-1] (official-code.md item 28)."""
+    """The release's fine-tuned ViTs pooled X_q[:, :-1] (docs/authors-release.md item 28)."""
     src = source_vit()
     authors = tmp_path / "vit_small_cbsa.pth.tar"
     torch.save({"epoch": 50, "arch": ARCH, "best_acc1": 70.1, "optimizer": {}, "scheduler": {},

@@ -1,4 +1,4 @@
-"""FLOPs: the paper-convention analytic count (2 × multiply-accumulates, paper.md §7) and what
+"""FLOPs: the paper-convention analytic count (2 × multiply-accumulates, see docs/REPRODUCING.md) and what
 FlopCounterMode measures on the ops that actually run, both against hand-computed numbers."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ PAPER_GFLOPS = {"cbt_tiny": 1.1, "cbt_small": 4.0, "cbt_base": 15.1, "cbt_large"
 def hand_count_macs(dim: int, depth: int, heads: int, *, image: int = 224, patch: int = 16, m: int = 64,
                     classes: int = 1000) -> int:
     """Paper convention for a CBT with I = dim: conv stem + per layer (CBSA 2Td² + 3Tmd + 2m²d and ISTA
-    counted as two d×d products, item 22) + classifier."""
+    counted as two d×d products, docs/authors-release.md item 22) + classifier."""
     stages = patch.bit_length() - 1
     chans = [3] + [dim // 2 ** (stages - 1 - i) for i in range(stages)]
     side, stem = image, 0
@@ -68,7 +68,7 @@ def test_analytic_attention_formula_for_one_layer_by_hand():
 
 
 def test_cbsa_becomes_cheaper_than_mssa_beyond_two_p_tokens():
-    """Paper §2.4: CBSA is cheaper than MSSA once N > 2p (m = p = 64 -> 128 tokens)."""
+    """Paper Table 1 and Fig. 2: CBSA is cheaper than MSSA once N > 2p (m = p = 64 -> 128 tokens)."""
     cbsa, mssa = CBSA(384, 6, 64), MSSA(384, 6, 64)
     assert attention_macs(cbsa, 128) == attention_macs(mssa, 128)
     assert attention_macs(cbsa, 127) > attention_macs(mssa, 127)
@@ -120,7 +120,7 @@ def test_measured_mssa_layer_equals_the_paper_formula():
 
 def test_measured_model_by_hand(monkeypatch):
     """Unfolded CBSA and the release's three-product ISTA: measured = analytic + depth · 2·T·d² (the one
-    ISTA product the paper does not count, item 22)."""
+    ISTA product the paper does not count, docs/authors-release.md item 22)."""
     monkeypatch.setattr(CBSA, "_fold_output", lambda self, t: False)
     monkeypatch.setattr(ISTA, "forward", ISTA.forward_reference)
     dim, depth, image, patch = 64, 2, 64, 8

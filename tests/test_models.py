@@ -11,7 +11,7 @@ from cbsa_core import CBSA, ISTA, MSSA, TSSA, create_model, list_models, save_mo
 from cbsa_core.flops import count_parameters
 from cbsa_core.registry import ALIASES
 
-# official-code.md §6 (arithmetic of the release's modules, 1000 classes).
+# docs/authors-release.md §6 (arithmetic of the release's modules, 1000 classes).
 EXACT_PARAMS = {
     "cbt_tiny": 1_789_192, "cbt_small": 6_667_048, "cbt_base": 25_691_752, "cbt_large": 83_051_368,
     "mssa_tiny": 1_789_120, "mssa_small": 6_666_904, "tssa_tiny": 1_789_156, "tssa_small": 6_666_976,
@@ -189,12 +189,12 @@ def test_ista_fused_equals_the_release_form_and_the_formula(rows):
     ista = ISTA(24).double()
     x = torch.randn(rows, 24, dtype=torch.float64)
     w = ista.weight
-    # out = ReLU(x + η (x W − x Wᵀ W) − η λ), η = λ = 0.1 (official-code.md §2.6)
+    # out = ReLU(x + η (x W − x Wᵀ W) − η λ), η = λ = 0.1 (docs/authors-release.md §2.6)
     expected = torch.relu(x + 0.1 * (x @ w - x @ w.T @ w) - 0.1 * 0.1)
     torch.testing.assert_close(ista(x), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ista.forward_reference(x), expected, rtol=1e-12, atol=1e-12)
     assert (ista(x) == 0).any() and (ista(x) > 0).any()               # both sides of the ReLU exercised
-    assert [n for n, _ in ista.named_parameters()] == ["weight"]     # η, λ are constants (item 9)
+    assert [n for n, _ in ista.named_parameters()] == ["weight"]     # η, λ are constants (its item 9)
 
 
 # ------------------------------------------------------------------------------------------------

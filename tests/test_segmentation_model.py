@@ -1,8 +1,8 @@
 """Segmentation model: Segmenter ViT + CBT decoder against an independent re-statement of the authors' code,
 the authors' checkpoint format (variant.yml beside it), this project's checkpoints and pretrained-encoder files.
 
-The reference below restates official-code.md §2.2 (decoder attention, with the release's hard-coded slicing
-style but parametrised constants) and §4.1 (MaskTransformer, Segmenter.forward); Segmenter's ViT comes from
+The reference below restates docs/authors-release.md §2.2 (decoder attention, with the release's hard-coded
+slicing style but parametrised constants) and §4.1 (MaskTransformer, Segmenter.forward); Segmenter's ViT comes from
 ``segmentation_reference``. Neither shares code with the package.
 """
 from __future__ import annotations
@@ -212,7 +212,7 @@ def test_encoder_dropout_reaches_every_segmenter_dropout_site():
 
 
 def test_release_decoder_parameter_counts():
-    # official-code.md §4.1, by arithmetic: T 376,830; S 753,342; B 1,506,366; L 2,008,382.
+    # docs/authors-release.md §4.1, by arithmetic: T 376,830; S 753,342; B 1,506,366; L 2,008,382.
     for d, expected in [(192, 376_830), (384, 753_342), (768, 1_506_366), (1024, 2_008_382)]:
         assert sum(p.numel() for p in MaskTransformer(150, d).parameters()) == expected
 

@@ -1,4 +1,4 @@
-"""The special cases of paper §3, checked numerically against independent formulas.
+"""The special cases of the paper's Sec. 3.3, checked numerically against independent formulas.
 
 Row layout throughout: P (N, p) are one head's projected tokens (U_kᵀZ)ᵀ, representatives Q (m, p),
 coefficients A (N, m). One CBSA step is D = A · contract(Q).

@@ -1,4 +1,4 @@
-"""ImageNet-style ``ImageFolder`` datasets and the release's "naive" augmentation (official-code.md §1.1.4).
+"""ImageNet-style ``ImageFolder`` datasets and the release's "naive" augmentation (docs/authors-release.md §1.1.4).
 
 Layout: ``<root>/<split>/<class>/<image>`` for both splits (the val set must be sorted into class folders); the
 class index is the position of the folder name in sorted order, so train and val must have the same folders.

@@ -1,6 +1,6 @@
 """Process-group set-up for single-process and ``torchrun`` launches, and the small collectives the loops need.
 
-The release's launch logic is broken in several ways (official-code.md §1.2.4 and item 25): a plain
+The release's launch logic is broken in several ways (docs/authors-release.md §1.2.4 and item 25): a plain
 ``python main.py`` dies with ``KeyError: 'WORLD_SIZE'``, and under torchrun no ``set_device`` is called, so every
 rank lands on GPU 0. Here the torchrun environment is optional, and each rank binds its own GPU first.
 
@@ -250,7 +250,8 @@ def wrap_ddp(model: nn.Module, dist_info: DistInfo, sync_bn: bool = True,
              find_unused_parameters: bool = False) -> nn.Module:
     """Move ``model`` to the device and, in a distributed run, wrap it in DDP.
 
-    * CUDA + ``sync_bn``: BatchNorm layers become SyncBatchNorm, so the conv stem's statistics are global (item 10 b).
+    * CUDA + ``sync_bn``: BatchNorm layers become SyncBatchNorm, so the conv stem's statistics are global
+      (docs/authors-release.md item 10).
     * CPU (gloo): torch only implements SyncBatchNorm's training forward for GPU inputs, so no conversion is done
       and any SyncBatchNorm already in the model is turned back into BatchNorm: each process then keeps its own
       batch statistics, as DataParallel did in the release. Buffers are still broadcast from rank 0 by DDP

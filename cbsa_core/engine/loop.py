@@ -1,6 +1,6 @@
 """The training and evaluation loops shared by the classification and ViT fine-tuning tracks.
 
-Release semantics (official-code.md §1.1.5–1.1.6): autocast around forward + loss only, ``GradScaler`` for fp16,
+Release semantics (docs/authors-release.md §1.1.5–1.1.6): autocast around forward + loss only, ``GradScaler`` for fp16,
 no clipping unless asked (item 14), no gradient accumulation, evaluation in fp32 (item 16). Additions: no device
 value is read between progress lines (:mod:`.step_stats`), a non-finite loss stops the run at the next progress
 line, an evaluation with non-finite outputs stops instead of scoring them (:mod:`.finite`), and every reported

@@ -1,7 +1,7 @@
 """Optimizers of the release: Lion (classification, ViT), AdamW (alternative), SGD (segmentation).
 
 All parameters go into ONE group, so weight decay hits everything (norms, biases, pos/cls, step sizes): the
-release never consults ``no_weight_decay()`` (official-code.md item 15). Lion is this project's multi-tensor
+release never consults ``no_weight_decay()`` (docs/authors-release.md item 15). Lion is this project's multi-tensor
 implementation (:mod:`.lion`), bit-exact with the release's lion-pytorch and state-compatible with it; AdamW and SGD
 are torch's, whose multi-tensor (``foreach``) path torch already picks on CUDA.
 """

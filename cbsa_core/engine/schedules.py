@@ -3,7 +3,7 @@
 Callable *objects* (not lambdas) are used on purpose: ``LambdaLR.state_dict()`` stores an object's ``__dict__``
 (plain numbers here, so it survives ``torch.load(weights_only=True)``) and ``load_state_dict`` restores it. A
 resumed run therefore keeps the schedule it started with, warm-up included; the release swapped in a pure cosine on
-``--resume``, so a resume inside the warm-up made the LR jump (official-code.md item 13).
+``--resume``, so a resume inside the warm-up made the LR jump (docs/authors-release.md item 13).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Contract-and-Broadcast Self-Attention (paper §2, docs/authors-release.md §2.1).
+"""Contract-and-Broadcast Self-Attention (paper Eqs. 5-8 and Fig. 1, docs/authors-release.md §2.1).
 
 Notation (rows are tokens, as in PyTorch):
     B batch, T = P + h·w + S tokens (P prefix tokens such as [CLS] or registers, an h×w grid of patch
@@ -15,7 +15,7 @@ One forward pass:
     7. out = merge_heads(D) W_out + b                over-parameterised projection (CBT), or
        out = merge_heads(D) W_Uᵀ                     the basis itself (CBT†, ``tied_output=True``)
 
-``contraction=False`` drops step 5 (C = Q), which is agent attention (paper §3).
+``contraction=False`` drops step 5 (C = Q), which is agent attention (paper Sec. 3.3).
 
 Cost: every token-sized product (steps 3, 4, 6) is a GEMM with one m-sized side, so time and memory are
 linear in T. Each optimisation is a named op of :mod:`cbsa_core.layers.ops`, kept for a gain that
@@ -79,7 +79,8 @@ class CBSA(nn.Module):
         self.step_x = nn.Parameter(torch.randn(heads, 1, 1))     # κ, step 6
         self.step_rep = nn.Parameter(torch.randn(heads, 1, 1))   # η, step 4
         self.proj = nn.Linear(dim, self.inner_dim, bias=False)   # W_U, step 1
-        # Parameter-free hook point on the projected tokens, used by coding-rate tooling (item 6).
+        # Parameter-free hook point on the projected tokens, used by coding-rate tooling
+        # (docs/authors-release.md item 6).
         self.qkv = nn.Identity()
         self.to_out = None if tied_output else nn.Linear(self.inner_dim, dim)   # W_out, b, step 7
 

@@ -1,4 +1,4 @@
-"""ISTA block of CRATE (official-code.md §2.6), the only channel mixer of CBT.
+"""ISTA block of CRATE (docs/authors-release.md §2.6), the only channel mixer of CBT.
 
     out = ReLU( x + η (x W − x Wᵀ W) − η λ ),   η = λ = 0.1 fixed (not parameters, item 9).
 

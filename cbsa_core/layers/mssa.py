@@ -1,8 +1,8 @@
-"""Multi-head Subspace Self-Attention, CRATE's attention (official-code.md §2.4).
+"""Multi-head Subspace Self-Attention, CRATE's attention (docs/authors-release.md §2.4).
 
 Softmax attention with q = k = v tied to one projection W_U (paper Eq. 9):
     Z_p = x W_U (B,H,T,p);  out = merge_heads(softmax(Z_p Z_pᵀ/√p) Z_p) W_out + b.
-Quadratic in T; CBSA with representatives = all tokens reduces to it (paper §3).
+Quadratic in T; CBSA with representatives = all tokens reduces to it (paper Sec. 3.3).
 """
 from __future__ import annotations
 

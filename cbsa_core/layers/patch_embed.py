@@ -5,7 +5,7 @@ without bias, each followed by BatchNorm, GELU between stages and none after the
 stage and end at ``embed_dim``:
 patch 16: in -> d/8 -> d/4 -> d/2 -> d.  patch 8: in -> d/4 -> d/2 -> d.  patch 4: in -> d/2 -> d.
 BatchNorm2d and SyncBatchNorm have identical state-dict keys; training scripts convert to SyncBatchNorm
-under DDP (item 10).
+under DDP (docs/authors-release.md item 10).
 
 ``LinearPatchEmbed`` (the original CRATE, Ma-Lab-Berkeley/CRATE ``model/crate.py``): each p×p patch is flattened
 in (p1 p2 c) order, then LayerNorm(p·p·c) -> Linear(p·p·c -> d) -> LayerNorm(d). Its children are numbered

@@ -1,4 +1,4 @@
-"""The paper's unifying formula and the attention mechanisms it specialises to (paper §3).
+"""The paper's unifying formula and the attention mechanisms it specialises to (paper Sec. 3.3).
 
 Everything is per head in row layout: tokens P (…, N, p) = (U_kᵀZ)ᵀ, representatives Q (…, m, p) =
 (U_kᵀQ)ᵀ, coefficients A (…, N, m) with U_kᵀQ = U_kᵀZ A_k. One CBSA step moves the tokens by
@@ -46,7 +46,7 @@ def contract_softmax(reps: torch.Tensor, scale: float | None = None) -> torch.Te
 
 def cbsa_step(coeffs: torch.Tensor, reps: torch.Tensor, contraction: str = "softmax", eps: float = 1.0,
               scale: float | None = None) -> torch.Tensor:
-    """D = A · contract(Q): the one formula behind every mechanism of paper §3.
+    """D = A · contract(Q): the one formula behind every mechanism of the paper's Sec. 3.3.
 
     coeffs A (…, N, m), reps Q (…, m, p), contraction in {"softmax", "exact", "none"} -> (…, N, p).
     """

@@ -1,4 +1,4 @@
-"""Token Statistics Self-Attention, ToST's attention, as released (official-code.md §2.5, item 20).
+"""Token Statistics Self-Attention, ToST's attention, as released (docs/authors-release.md §2.5, item 20).
 
     w  = x W (Linear dim -> dim regardless of dim_head, no bias), split into heads (B,H,T,p)
     ŵ  = w L2-normalised over tokens (per feature column)
@@ -6,7 +6,7 @@
     μ  = (Π / (Σ_T Π + 1e-8)) w²                                    (B,H,1,p): Π-weighted second moments
     out = merge_heads(−(w ⊙ Π) ⊙ 1/(1 + μ)) W_out + b
 
-Linear in T: a data-dependent per-channel rescaling (channel attention, paper §3).
+Linear in T: a data-dependent per-channel rescaling (channel attention, paper Sec. 3.3, Eq. 13).
 """
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
     "tssa_small": dict(_S, attn="tssa"),
     "agent_tiny": dict(_T, attn="agent"),
     "agent_small": dict(_S, attn="agent"),
-    # Hybrid used for emergent segmentation (paper §5.8): MSSA in layers 1-6, CBSA in layers 7-12.
+    # Hybrid used for emergent segmentation (paper Tables 5 and 6): MSSA in layers 1-6, CBSA in layers 7-12.
     "crate_cbt_small": dict(_S, attn=["mssa"] * 6 + ["cbsa"] * 6),
     # The original CRATE (Ma-Lab-Berkeley/CRATE model/crate.py, CRATE's own sizes: CRATE_tiny there is dim 384),
     # dim_head = dim / heads. Table 3 compares CBT with CRATE-B/L.
@@ -840,7 +840,7 @@ def agent_small(pretrained: bool = False, **kwargs: Any) -> CBT:
 
 @register_model
 def crate_cbt_small(pretrained: bool = False, **kwargs: Any) -> CBT:
-    """MSSA in layers 1-6 and CBSA in layers 7-12, dim 384 (emergent segmentation, paper §5.8)."""
+    """MSSA in layers 1-6 and CBSA in layers 7-12, dim 384 (emergent segmentation, paper Tables 5 and 6)."""
     return _create_cbt("crate_cbt_small", pretrained, **kwargs)
 
 
