@@ -25,11 +25,11 @@ pretrained query/key/value projections of the (already normalised) block input.
     out = Aᵀ C                                            broadcast through the transposed A (default), or
     out = softmax_m(X_q s Q0ᵀ) C                          ``broadcast='softmax'``: the release's broadcast
 
-  Choices (the paper describes CBSA* in words only, and the release has only commented-out lines for its update and
-  contraction, docs/authors-release.md item 27): the update is the plain residual ``Q = Q0 + Q_delta`` of the
-  release's commented-out line, with no per-head step size, so no parameter is added; the default broadcast reuses Aᵀ
-  without renormalisation, as CBSA itself does (paper Eq. 7/8), and the alternative keeps the release's separate
-  softmax with the pooled queries Q0 as keys.
+  Choices (the paper leaves them open, and the release runs CBSA^∨ with its representative update commented out,
+  docs/authors-release.md item 27): the update is the plain residual ``Q = Q0 + Q_delta`` of the release's
+  commented-out line, with no per-head step size, so no parameter is added; the default broadcast reuses Aᵀ without
+  renormalisation, as CBSA itself does (paper Eq. 7/8), and the alternative keeps the release's separate softmax with
+  the pooled queries Q0 as keys.
 
 ``linear`` (the ReLU-kernel linear attention of the release's commented-out class; FLatten without the
 focusing function or the depth-wise conv), per head, with φ(x) = ReLU(x) + 1e-6::

@@ -4,9 +4,10 @@
 For each canonical model (``cbsa_core.list_models()`` without the aliases) at one image size:
 
 * params: exact count of parameters (buffers such as BatchNorm statistics excluded);
-* GFLOPs (paper): ``cbsa_core.flops.analytic_flops``, the paper's convention (2 × multiply-accumulates,
-  ISTA counted as two d×d products; docs/REPRODUCING.md, docs/authors-release.md item 22), and ``layers``, the same for the transformer layers alone
-  (no patch embedding, no classifier): the scope of the CRATE-B/L numbers the paper cites from CRATE;
+* GFLOPs (paper): ``cbsa_core.flops.analytic_flops``, the paper's convention (2 × multiply-accumulates, ISTA counted
+  as two d×d products; docs/REPRODUCING.md, docs/authors-release.md item 22), and ``layers``, the same for the
+  transformer layers alone (no patch embedding, no classifier): the scope of the CRATE-B/L numbers the paper cites
+  from CRATE;
 * GFLOPs (measured): ``cbsa_core.flops.measured_flops``, what torch's FlopCounterMode counts on the ops
   that actually run for one image (the folded CBSA output projection, and the fused ISTA whose d×d×d
   matrix product is paid once per call, so batch 1 is its worst case);

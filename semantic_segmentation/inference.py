@@ -12,10 +12,10 @@ For each test-time variant of an image (scale ratio, optional flip), as the rele
 
 then the probabilities of all variants are averaged and the argmax is the prediction.
 
-Step 1 matters even single-scale: the keep-ratio test rescale caps the long side at ``4·im_size``, so an image
-with aspect ratio > 4 comes out with a short side below ``im_size`` and is upscaled here. It also turns the
-multi-scale ratios < 1 into blurred copies at ratio 1 (docs/authors-release.md item 38). ``upscale_small=False`` runs every variant at
-its own size instead (not the release's numbers).
+Step 1 matters even single-scale: the keep-ratio test rescale caps the long side at ``4·im_size``, so an image with
+aspect ratio > 4 comes out with a short side below ``im_size`` and is upscaled here. It also turns the multi-scale
+ratios < 1 into blurred copies at ratio 1 (docs/authors-release.md item 38). ``upscale_small=False`` runs every
+variant at its own size instead (not the release's numbers).
 """
 from __future__ import annotations
 

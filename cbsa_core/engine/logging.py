@@ -1,6 +1,7 @@
 """Run logs: a JSON-lines file, TensorBoard scalars and the ``logging`` module set-up, all main-rank only.
 
-The release appended JSON lines to ``./log.txt`` in the CWD (docs/authors-release.md item 17); here the path is the caller's choice.
+The release appended JSON lines to ``./log.txt`` in the CWD (docs/authors-release.md item 17); here the path is the
+caller's choice.
 This module shadows nothing: imports are absolute, so ``import logging`` below is the standard library.
 """
 from __future__ import annotations
