@@ -86,6 +86,7 @@ CITATION = """@inproceedings{wen2025cbsa,
   year      = {2025},
   note      = {arXiv:2509.16875}
 }"""
+CITATION_SECTION = ["## Citation", "```bibtex", CITATION, "```", ""]   # the last lines of every model card
 TOKEN_LAYOUT_WHY = ("the release's CBSA pools `tokens[:, :-1]` (it assumes [CLS] is last: [CLS] is pooled and the "
                     "last patch is dropped; docs/authors-release.md item 2), the corrected layout pools the patch "
                     "tokens")
@@ -706,11 +707,7 @@ def classification_card(model: nn.Module, source: Source, result: ExportResult, 
         "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))",
         "```",
         "",
-        "## Citation",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
+        *CITATION_SECTION,
     ]
     return "\n".join(lines)
 
@@ -821,11 +818,7 @@ def segmentation_card(model: nn.Module, source: Source, result: ExportResult) ->
         "model = load_model(snapshot_download('USER/REPO'))",
         "```",
         "",
-        "## Citation",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
+        *CITATION_SECTION,
     ]
     return "\n".join(lines)
 
