@@ -245,3 +245,22 @@ def test_failed_verification_keeps_the_previous_file(tiny_files, capsys, monkeyp
     assert len(err) == 1 and "differs from eager by 0.5" in err[0] and f"nothing was written to {out}" in err[0]
     assert out.read_bytes() == b"previous export"
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(["authors.pth", "ours.pth", "seg.pth", "out.onnx"])
+
+
+# ------------------------------------------------------------------------------------------------
+# scripts/benchmark_onnx.py (timings are printed by the script, never asserted here)
+def test_benchmark_quick_writes_consistent_rows(tmp_path, capsys):
+    bench = importlib.import_module("benchmark_onnx")
+    csv_path = tmp_path / "bench" / "onnx.csv"
+    rows = bench.main(["--quick", "--batches", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                       "--csv", str(csv_path)])
+    assert [(r["model"], r["image_size"], r["batch"], r["threads"]) for r in rows] == [("cbt_tiny", 128, 2, 1)]
+    row = rows[0]
+    assert row["eager_ms"] > 0 and row["onnxruntime_ms"] > 0 and row["max_abs_diff"] <= TOL
+    assert row["speedup"] == pytest.approx(row["eager_ms"] / row["onnxruntime_ms"])
+    with open(csv_path) as f:
+        lines = f.read().splitlines()
+    assert lines[0].split(",") == list(bench.CSV_COLUMNS) and lines[1].startswith("cbt_tiny,classification,128,2,1,")
+    assert "eager/ORT" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "120"])
