@@ -132,7 +132,8 @@ def format_table(rows: List[Dict]) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     summary, _, details = __doc__.partition("\n\n")
-    ap = argparse.ArgumentParser(description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=summary, epilog=details,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=None, choices=(*CLASSIFIERS, *SEGMENTERS),
                     help="default: cbt_tiny cbt_small seg_cbt_small (quick: cbt_tiny)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None,
@@ -170,10 +171,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     import onnxruntime
 
     load = os.getloadavg()
-    print(f"# onnxruntime {onnxruntime.__version__} vs eager torch {torch.__version__}: CPU ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores), fp32, {args.threads} threads each, median of {args.repeats} alternating calls "
-          f"after {args.warmup} warm-up, {datetime.date.today().isoformat()}, load average {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f}", flush=True)
+    cpu = platform.processor() or platform.machine()
+    print(f"# onnxruntime {onnxruntime.__version__} vs eager torch {torch.__version__}: CPU ({cpu}, {os.cpu_count()} "
+          f"cores), fp32, {args.threads} threads each, median of {args.repeats} alternating calls after {args.warmup} "
+          f"warm-up, {datetime.date.today().isoformat()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+          flush=True)
     rows: List[Dict] = []
     with torch_threads(args.threads), tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         workdir = args.keep_onnx or Path(tmp)

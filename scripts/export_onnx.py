@@ -37,6 +37,7 @@ to 8x8 representatives).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,8 +59,8 @@ from cbsa_core.layers import CBSA
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import IMAGENET_MEAN, IMAGENET_STD, build_model, parse_overrides, script_parser  # noqa: E402
 
-__all__ = ["ExportError", "ExportSource", "ExportResult", "load_for_export", "check_image_size", "export_model",
-           "export_checkpoint", "onnx_vs_eager", "verify_onnx", "read_metadata", "main"]
+__all__ = ["ExportError", "ExportSource", "ExportResult", "model_source", "load_for_export", "check_image_size",
+           "export_model", "export_checkpoint", "onnx_vs_eager", "verify_onnx", "read_metadata", "main"]
 
 _LOG = logging.getLogger("export_onnx")
 
@@ -122,18 +123,27 @@ def _in_chans(model: nn.Module) -> int:
     return int(getattr(model, "model_config", {}).get("in_chans", 3))
 
 
-def _segmentation_source(path: Path, kind: str) -> ExportSource:
+def _image_size(size: Any) -> Tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def model_source(model: nn.Module) -> ExportSource:
+    """What an ONNX file records about ``model`` when nothing but the model is known: its arch, config size,
+    token layout, and the input statistics of its family (ImageNet's for classifiers, the backbone's for
+    Segmenter)."""
+    task = _task(model)
+    cfg = model.model_config
+    if task == "classification":
+        return ExportSource(model=model, task=task, arch=str(model.arch), image_size=_image_size(cfg["image_size"]),
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD, input_range="[0, 1]",
+                            token_layout=_token_layout(model))
     # Imported here: the segmentation track has its own dependencies (mmcv), which classifiers do not need.
-    from semantic_segmentation import load_model
     from semantic_segmentation.transforms import NORMALIZATION
 
-    model = load_model(path)
-    cfg = model.model_config
     mean, std = NORMALIZATION[cfg["normalization"]]
-    arch = f"segmenter:{cfg.get('backbone') or 'vit'}+mask_transformer"
-    return ExportSource(model=model, task="segmentation", arch=arch, image_size=tuple(int(s) for s in cfg["image_size"]),
-                        mean=tuple(mean), std=tuple(std), input_range="[0, 255]", token_layout=_token_layout(model),
-                        checkpoint=str(path), checkpoint_format=kind)
+    return ExportSource(model=model, task=task, arch=f"segmenter:{cfg.get('backbone') or 'vit'}+mask_transformer",
+                        image_size=_image_size(cfg["image_size"]), mean=tuple(mean), std=tuple(std),
+                        input_range="[0, 255]", token_layout=_token_layout(model))
 
 
 def load_for_export(checkpoint: str | os.PathLike, *, arch: Optional[str] = None,
@@ -163,7 +173,9 @@ def load_for_export(checkpoint: str | os.PathLike, *, arch: Optional[str] = None
             raise ExportError(f"checkpoint {path} is a segmentation model, built from its own config: "
                               f"{', '.join(ignored)} do(es) not apply to it")
         del ckpt
-        return _segmentation_source(path, kind)
+        from semantic_segmentation import load_model
+
+        return dataclasses.replace(model_source(load_model(path)), checkpoint=str(path), checkpoint_format=kind)
 
     if kind == "cbsa" and overrides:
         raise ExportError(f"checkpoint {path} records its model_config, which defines the model; --set only "
@@ -177,14 +189,12 @@ def load_for_export(checkpoint: str | os.PathLike, *, arch: Optional[str] = None
         # This project's files record their layout; an explicit request still wins, as in load_checkpoint.
         _LOG.info("%s: %s token layout (requested explicitly)", path, "legacy" if legacy_token_layout else "corrected")
         model.set_legacy_token_layout(bool(legacy_token_layout))
+    source = dataclasses.replace(model_source(model), checkpoint=str(path), checkpoint_format=kind)
     run_config = dict(ckpt.get("config") or {}) if kind == "cbsa" else {}
-    mean = tuple(float(v) for v in run_config.get("mean") or IMAGENET_MEAN)
-    std = tuple(float(v) for v in run_config.get("std") or IMAGENET_STD)
-    size = model.model_config["image_size"]
-    image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    return ExportSource(model=model, task="classification", arch=str(model.arch), image_size=image_size, mean=mean,
-                        std=std, input_range="[0, 1]", token_layout=_token_layout(model), checkpoint=str(path),
-                        checkpoint_format=kind)
+    if run_config.get("mean") and run_config.get("std"):  # the statistics the training run normalised with
+        source.mean = tuple(float(v) for v in run_config["mean"])
+        source.std = tuple(float(v) for v in run_config["std"])
+    return source
 
 
 def check_image_size(model: nn.Module, image_size: Sequence[int]) -> Tuple[int, int]:
@@ -201,8 +211,9 @@ def check_image_size(model: nn.Module, image_size: Sequence[int]) -> Tuple[int, 
     if h <= 0 or w <= 0:
         raise ExportError(f"--image-size {h} {w}: both sides must be positive")
     if task == "classification" and (h % patch or w % patch):
+        below = (max(patch, h // patch * patch), max(patch, w // patch * patch))
         raise ExportError(f"--image-size {h} {w} does not divide by the classifier's patch size {patch}; "
-                          f"use multiples of {patch} (e.g. {max(patch, h // patch * patch)} {max(patch, w // patch * patch)})")
+                          f"use multiples of {patch} (e.g. {below[0]} {below[1]})")
     grid = (-(-h // patch), -(-w // patch))
     for rep in sorted({tuple(m.rep_grid) for m in model.modules() if isinstance(m, CBSA)}):
         if grid[0] < rep[0] or grid[1] < rep[1]:
@@ -326,26 +337,13 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, image_size: Option
     """Export ``model`` (a CBT classifier or a Segmenter, put in eval mode) to ``out`` with a dynamic batch.
 
     The model runs on (batch, C, H, W) images of the fixed ``image_size`` (default: the model's own); the
-    file is verified with onnxruntime against eager (batch 2) before it replaces ``out``. ``metadata`` is
-    added to the file's metadata_props (``source`` fills the standard entries; a bare model gets them from
-    its config, with ImageNet statistics).
+    file is verified with onnxruntime against eager (batch 2) before it replaces ``out``. ``source`` fills
+    the standard metadata_props (default: :func:`model_source`); ``metadata`` adds or replaces entries.
     """
     if not tolerance >= 0:
         raise ExportError(f"--tolerance must be >= 0, got {tolerance}")
     model = model.eval()
-    task = _task(model)
-    if source is None:
-        cfg = getattr(model, "model_config", {})
-        size = cfg.get("image_size", 224)
-        default = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        if task == "classification":
-            source = ExportSource(model, task, str(model.arch), default, IMAGENET_MEAN, IMAGENET_STD, "[0, 1]",
-                                  _token_layout(model))
-        else:
-            from semantic_segmentation.transforms import NORMALIZATION
-            mean, std = NORMALIZATION[cfg["normalization"]]
-            source = ExportSource(model, task, "segmenter", default, tuple(mean), tuple(std), "[0, 255]",
-                                  _token_layout(model))
+    source = source or model_source(model)
     size = check_image_size(model, image_size if image_size is not None else source.image_size)
     meta = _metadata(source, size)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})

@@ -206,8 +206,10 @@ def tiny_files(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--checkpoint", "{missing}"], "checkpoint file not found: {missing}"),
     (["--checkpoint", "{authors}", "--arch", "cbt_huge"], "unknown model 'cbt_huge'"),
-    (["--checkpoint", "{ours}", "--image-size", "72", "64"], "--image-size 72 64 does not divide by the classifier's patch size 16"),
-    (["--checkpoint", "{ours}", "--image-size", "16"], "gives a 1x1 token grid (patch 16), smaller than the 2x2 representative grid"),
+    (["--checkpoint", "{ours}", "--image-size", "72", "64"],
+     "--image-size 72 64 does not divide by the classifier's patch size 16"),
+    (["--checkpoint", "{ours}", "--image-size", "16"],
+     "gives a 1x1 token grid (patch 16), smaller than the 2x2 representative grid"),
     (["--checkpoint", "{seg}", "--image-size", "64", "16"], "gives a 4x1 token grid (patch 16), smaller than the 2x2"),
     (["--checkpoint", "{ours}", "--set", "depth=3"], "--set only applies to files without one"),
     (["--checkpoint", "{seg}", "--legacy-token-layout"], "--legacy-token-layout do(es) not apply"),
