@@ -15,10 +15,6 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import matplotlib
-
-matplotlib.use("Agg")  # scripts run headless; must precede any pyplot import
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -60,7 +56,11 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def plt():
-    """pyplot, imported lazily so that importing a script stays cheap."""
+    """pyplot on the headless Agg backend, imported lazily: importing a script stays cheap, and scripts that draw
+    nothing (the exporters) run without the ``figures`` extra."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # must precede the first pyplot import
     import matplotlib.pyplot as pyplot
     return pyplot
 

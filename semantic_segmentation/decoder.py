@@ -176,7 +176,10 @@ class MaskDecoder(nn.Module):
         patches = patches / patches.norm(dim=-1, keepdim=True)
         classes = classes / classes.norm(dim=-1, keepdim=True)
         masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, h·w, K)
-        return masks.transpose(1, 2).reshape(x.shape[0], self.n_cls, *grid)
+        # (B, h, w, K) viewed as (B, K, h, w): channels-last with a true batch stride, whose bilinear upsampling
+        # takes torch's channels-last kernel at every batch size (a transpose-reshape view had a batch stride of K
+        # and ran the generic kernel at batch 1: 371 vs 76 ms for 150 classes, 32² -> 512², 1 CPU thread).
+        return masks.unflatten(1, tuple(grid)).permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, grid_size: Sequence[int]) -> List[torch.Tensor]:
@@ -369,7 +372,7 @@ class LinearDecoder(nn.Module):
     def forward(self, x: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
         grid = _grid(grid_size)
         _check_patch_tokens(self, x, grid, self.d_encoder)
-        return self.head(x).transpose(1, 2).reshape(x.shape[0], self.n_cls, *grid)
+        return self.head(x).unflatten(1, tuple(grid)).permute(0, 3, 1, 2)   # channels-last view, as above
 
     def attention_maps(self, x: torch.Tensor, grid_size: Sequence[int]) -> List[torch.Tensor]:
         raise ValueError("the linear decoder has no attention layers, hence no attention maps")
