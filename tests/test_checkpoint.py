@@ -521,3 +521,23 @@ def test_older_mssa_files_recording_the_unused_rep_grid_still_load(tmp_path):
         img = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             assert torch.equal(rebuilt(img), model(img))
+
+
+def test_a_release_file_given_through_pretrained_cfg_is_read_whole(tmp_path):
+    """timm's other way to name a file, a whole pretrained_cfg with ``file``, takes the same whole-file reader as
+    ``pretrained_cfg_overlay``: the release wrapper is recognised and its legacy layout switched on."""
+    import timm
+    from timm.models import resolve_pretrained_cfg
+
+    reference = ref.randomize_(ref.build("Ours_tiny", depth=1, image_size=112, patch_size=8),
+                               generator=torch.Generator().manual_seed(5)).eval()
+    path = tmp_path / "release.pth.tar"
+    torch.save({"epoch": 1, "arch": "Ours_tiny", "best_acc1": 1.0, "optimizer": {}, "scheduler": {},
+                "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    cfg = dict(resolve_pretrained_cfg("cbt_tiny").to_dict(), file=str(path))
+    model = timm.create_model("cbt_tiny", pretrained=True, pretrained_cfg=cfg, depth=1, img_size=112,
+                              patch_size=8).eval()
+    assert model.model_config["legacy_token_layout"] is True
+    img = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(img), reference(img), rtol=0, atol=1e-4)

@@ -746,7 +746,7 @@ def _create_cbt(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
                 f"{variant}: pretrained=True needs a local weights file, e.g. timm.create_model('{variant}', "
                 f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')); nothing is "
                 f"downloaded")
-        if overlay.get("file") and cfg.get("source") != "local-dir":
+        if cfg.get("file") and cfg.get("source") != "local-dir":   # from the overlay or a given pretrained_cfg
             # A file may be the release's wrapper, whose format decides the token layout: read it whole
             # (CBT.load_pretrained) rather than through timm's generic unwrapping.
             overlay.setdefault("custom_load", True)
