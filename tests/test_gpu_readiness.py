@@ -246,6 +246,18 @@ def test_nan_between_checks_is_found_at_the_next_check_and_named():
 
 
 # -------------------------------------------------------------------------------------------- numeric defaults
+@pytest.mark.parametrize("capability,expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_one_answer_to_native_bf16_decides_the_default_and_the_refusal(monkeypatch, capability, expected):
+    """A V100/T4 (7.x) trains in fp16 by default and an explicit bf16 request is refused there (torch's
+    is_bf16_supported() would count its slow emulation); 8.0 and later default to bf16. No GPU needed: the
+    device capability is the only thing asked."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert default_precision("cuda") == expected
+    if expected == "fp16":
+        with pytest.raises(ValueError, match="no native bf16"):
+            resolve_precision("bf16", "cuda")
+
+
 def test_precision_defaults_and_tf32_switch():
     assert default_precision("cpu") == "fp32" and resolve_precision(None, "cpu") == "fp32"
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"

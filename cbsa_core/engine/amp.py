@@ -14,21 +14,29 @@ from typing import ContextManager, Dict, Optional
 
 import torch
 
-__all__ = ["PRECISIONS", "check_precision", "default_precision", "resolve_precision", "autocast_context",
-           "make_grad_scaler", "set_tf32"]
+__all__ = ["PRECISIONS", "check_precision", "native_bf16", "default_precision", "resolve_precision",
+           "autocast_context", "make_grad_scaler", "set_tf32"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively: the CPU, and CUDA devices of compute capability 8.0 and later
+    (A100, H100/H200, L4/L40, RTX 30xx and newer). The one answer both the default precision and the refusal of
+    bf16 use; torch's ``is_bf16_supported()`` also counts emulation, which is slow, and asks the current device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu"
+
+
 def default_precision(device: torch.device | str) -> str:
     """The training precision used when none is asked for: ``bf16`` on a CUDA device with native bf16
-    (compute capability >= 8.0), ``fp16`` on other CUDA devices, ``fp32`` elsewhere."""
+    (:func:`native_bf16`), ``fp16`` on other CUDA devices, ``fp32`` elsewhere."""
     device = torch.device(device)
     if device.type != "cuda":
         return "fp32"
-    with torch.cuda.device(device):
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    return "bf16" if native_bf16 else "fp16"
+    return "bf16" if native_bf16(device) else "fp16"
 
 
 def resolve_precision(requested: Optional[str], device: torch.device | str) -> str:
@@ -72,8 +80,8 @@ def autocast_context(device: torch.device | str, precision: str) -> ContextManag
         if device.type != "cuda":
             raise ValueError(f"fp16 autocast needs a CUDA device (got {device}); use bf16 or fp32")
         return torch.autocast(device_type="cuda", dtype=torch.float16)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"{device} does not support bf16; use fp16 or fp32")
+    if not native_bf16(device):
+        raise ValueError(f"{device} has no native bf16 (CUDA compute capability 8.0 or later); use fp16 or fp32")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
