@@ -47,6 +47,7 @@ __all__ = [
     "recorded_token_layout",
     "decide_token_layout",
     "resolve_token_layout",
+    "apply_token_layout",
     "check_arch",
     "check_patch_embedding",
     "patch_embedding_layout",
@@ -240,13 +241,15 @@ _BEHAVIOUR_KEYS = ("attn", "rep_grid", "dim_head", "patch_size", "in_chans", "gl
 
 
 def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
-               adaptable: Tuple[str, ...] = ()) -> None:
+               adaptable: Tuple[str, ...] = (), state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Refuse a checkpoint saved from another registered arch (aliases are the same arch), or, for this
     project's files, built with another behaviour-changing config or a newer format.
 
     ``adaptable``: config keys a loader adapts itself (``in_chans`` for pretrained weights), not compared.
+    ``state_dict``: the weights already extracted from ``ckpt`` (extracted here when not given).
     """
-    from .registry import ALIASES, MODEL_CONFIGS  # lazy: the registry imports this module
+    from .models.cbt import recorded_model_config  # lazy: the models import this module
+    from .registry import ALIASES, MODEL_CONFIGS
 
     def canonical(name):
         return ALIASES.get(name, name)
@@ -255,7 +258,7 @@ def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
         raise CheckpointError(f"checkpoint {path} has format_version {ckpt['format_version']}, newer than this "
                               f"library's {FORMAT_VERSION}; upgrade cbsa_core to read it")
     model_arch, saved_arch = getattr(target, "arch", None), ckpt.get("arch")
-    state_dict = extract_state_dict(ckpt)
+    state_dict = extract_state_dict(ckpt) if state_dict is None else state_dict
     check_patch_embedding(f"checkpoint {path}", state_dict, target, saved_arch)
     # CRATE's main.py records CRATE's own names, two of which mean other models here: its files were checked by
     # their key layout just above, not by that string.
@@ -266,12 +269,11 @@ def check_arch(path, ckpt: Mapping[str, Any], kind: str, target: nn.Module, *,
         raise CheckpointMismatchError(
             f"checkpoint {path} was saved from arch '{saved_arch}', but the model is '{model_arch}'")
     if kind == "cbsa":
-        saved_cfg, model_cfg = ckpt.get("model_config", {}), getattr(target, "model_config", {})
-        # A model without representative layers records rep_grid None; files written before it did so record the
-        # unused default (8, 8) for MSSA/TSSA models, which changes nothing they compute.
-        ignored = set(adaptable) | ({"rep_grid"} if model_cfg.get("rep_grid", ()) is None else set())
+        # The record in today's terms (recorded_model_config: e.g. the unused rep_grid older MSSA/TSSA files carry).
+        saved_cfg = recorded_model_config(ckpt.get("model_config") or {})
+        model_cfg = getattr(target, "model_config", {})
         diffs = [f"{k}: checkpoint {saved_cfg[k]!r} vs model {model_cfg[k]!r}" for k in _BEHAVIOUR_KEYS
-                 if k not in ignored and k in saved_cfg and k in model_cfg
+                 if k not in adaptable and k in saved_cfg and k in model_cfg
                  and _normalise(saved_cfg[k]) != _normalise(model_cfg[k])]
         if diffs:
             raise CheckpointMismatchError(f"checkpoint {path} was built with another model config:\n    "
@@ -458,8 +460,25 @@ def resolve_token_layout(ckpt: Mapping[str, Any], kind: Optional[str] = None,
     return decide_token_layout(recorded, requested, reason)
 
 
+def apply_token_layout(model: nn.Module, ckpt: Mapping[str, Any], requested: Optional[bool], source: str,
+                       kind: Optional[str] = None) -> Optional[Tuple[bool, str]]:
+    """Switch ``model`` to the token layout ``ckpt``'s weights need (:func:`resolve_token_layout`; ``requested``
+    overrides it) and log the choice with its reason, naming ``source``. Returns ``(legacy, reason)``, or None for
+    a model with no layout to set (no switch, or no layer that pools representatives)."""
+    if not hasattr(model, "set_legacy_token_layout"):
+        return None
+    if not getattr(model, "uses_token_layout", True):
+        _LOG.info("%s: no layer pools representatives, so no token layout applies", source)
+        return None
+    legacy, reason = resolve_token_layout(ckpt, kind, requested)
+    _LOG.info("%s: %s token layout (%s)", source, "legacy" if legacy else "corrected", reason)
+    model.set_legacy_token_layout(legacy)
+    return legacy, reason
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
-                    legacy_token_layout: Optional[bool] = None) -> dict:
+                    legacy_token_layout: Optional[bool] = None,
+                    checkpoint: Optional[Mapping[str, Any]] = None) -> dict:
     """Load the weights of ``path`` into ``model`` and return the whole checkpoint dict.
 
     * This project's files: the recorded ``arch`` and behaviour-changing config (attention type,
@@ -472,12 +491,16 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     * Any missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError` listing them. With
       ``strict=False`` missing and unexpected keys are allowed (and logged), but a file that shares no key
       with the model is refused: nothing of it would load.
+
+    ``checkpoint``: the file's contents when the caller has already read them (:func:`read_checkpoint`), so that a
+    large file is read once; ``path`` then only names it in messages.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path) if checkpoint is None else dict(checkpoint)
     kind = checkpoint_kind(ckpt)
     target = unwrap_model(model)
-    check_arch(path, ckpt, kind, target)
-    state_dict = map_original_crate_keys(extract_state_dict(ckpt), target)
+    state_dict = extract_state_dict(ckpt)
+    check_arch(path, ckpt, kind, target, state_dict=state_dict)
+    state_dict = map_original_crate_keys(state_dict, target)
     check_state_dict(target, state_dict, strict=strict, source=f"checkpoint {path}")
     if not strict:
         expected = target.state_dict()
@@ -491,11 +514,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
         if skipped:
             _LOG.warning("partial load of %s: %d key(s) missing or unexpected: %s", path, len(skipped),
                          ", ".join(skipped[:10]))
-    if hasattr(target, "set_legacy_token_layout") and getattr(target, "uses_token_layout", True):
-        legacy, reason = resolve_token_layout(ckpt, kind, legacy_token_layout)
-        _LOG.info("%s: %s token layout (%s)", path, "legacy" if legacy else "corrected", reason)
-        target.set_legacy_token_layout(legacy)
-    elif hasattr(target, "set_legacy_token_layout"):
-        _LOG.info("%s: no layer pools representatives, so no token layout applies", path)
+    apply_token_layout(target, ckpt, legacy_token_layout, str(path), kind)
     target.load_state_dict(state_dict, strict=strict)
     return ckpt

@@ -289,7 +289,7 @@ def _run(args: argparse.Namespace, dist_info) -> Dict[str, Any]:
         ckpt = load_training_checkpoint(args.resume, model=net, optimizer=None if args.evaluate else optimizer,
                                         scheduler=None if args.evaluate else scheduler,
                                         scaler=None if args.evaluate else scaler, restore_rng=not args.evaluate,
-                                        legacy_token_layout=args.legacy_token_layout)
+                                        legacy_token_layout=args.legacy_token_layout, checkpoint=saved)
         # The core's one layout rule, applied to the converted blocks (load_checkpoint cannot reach them).
         legacy, reason = ckpt["token_layout"]
         set_legacy_token_layout(net, legacy)

@@ -245,13 +245,13 @@ def load_finetune_weights(model: nn.Module, path: str, num_classes: int,
     ``num_classes``. The head is sized to the checkpoint first, so every other key and shape is still checked.
     ``legacy_token_layout`` overrides the layout the file implies
     (:func:`cbsa_core.checkpoint.resolve_token_layout`)."""
-    state = extract_state_dict(read_checkpoint(path))
-    head = state.get("mlp_head.1.weight")
+    ckpt = read_checkpoint(path)
+    head = extract_state_dict(ckpt).get("mlp_head.1.weight")
     if head is None:
         raise CheckpointMismatchError(f"--finetune checkpoint {path} has no classifier 'mlp_head.1.weight': "
                                       f"it is not a CBT-family classification checkpoint")
     model.reset_classifier(int(head.shape[0]))
-    load_checkpoint(model, path, legacy_token_layout=legacy_token_layout)
+    load_checkpoint(model, path, legacy_token_layout=legacy_token_layout, checkpoint=ckpt)
     model.reset_classifier(num_classes)
     _LOG.info("fine-tuning from %s: classifier re-initialised for %d classes (was %d)", path, num_classes,
               head.shape[0])
@@ -369,14 +369,15 @@ def _run(args: argparse.Namespace, dist_info: DistInfo) -> Dict[str, Any]:
         finetune = saved_config.get("finetune", "") if isinstance(saved_config.get("finetune", ""), str) else ""
         if args.finetune and is_main:
             _LOG.warning("--finetune %s is not used: --resume %s provides the weights", args.finetune, args.resume)
-        del saved
     model = wrap_ddp(model, dist_info, sync_bn=args.sync_bn)
     optimizer = build_optimizer(args.optimizer, model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = build_lambda_scheduler(optimizer, WarmupCosineLambda(args.warmup_epochs, args.epochs))
     scaler = make_grad_scaler(device, precision)
     if args.resume:
         ckpt = load_training_checkpoint(args.resume, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        scaler=scaler, restore_rng=True, legacy_token_layout=args.legacy_token_layout)
+                                        scaler=scaler, restore_rng=True, legacy_token_layout=args.legacy_token_layout,
+                                        checkpoint=saved)   # the file read above: one read per resume
+        del saved
         start_epoch = ckpt["epoch"]
         best_acc1 = ckpt["best_metric"]
         if is_main:

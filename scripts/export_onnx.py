@@ -44,7 +44,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -53,6 +52,7 @@ import torch
 import torch.nn as nn
 
 import cbsa_core
+from cbsa_core.atomic import atomic_write_bytes
 from cbsa_core.checkpoint import CheckpointError, checkpoint_kind, read_checkpoint
 from cbsa_core.layers import CBSA
 
@@ -295,8 +295,9 @@ def _name_batch_dim(proto, input_name: str) -> None:
                 dim.dim_param = pattern.sub(BATCH_DIM, dim.dim_param)
 
 
-def onnx_vs_eager(path: str | os.PathLike, model: nn.Module, images: torch.Tensor, threads: int = 1) -> float:
-    """Largest absolute difference between onnxruntime's (CPU) output for ``images`` and the eager model's.
+def onnx_vs_eager(path: str | os.PathLike | bytes, model: nn.Module, images: torch.Tensor, threads: int = 1) -> float:
+    """Largest absolute difference between onnxruntime's (CPU) output for ``images`` and the eager model's;
+    ``path`` is an ONNX file or its serialized bytes.
 
     A shape mismatch or a non-finite output raises :class:`ExportError`.
     """
@@ -306,7 +307,8 @@ def onnx_vs_eager(path: str | os.PathLike, model: nn.Module, images: torch.Tenso
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model_file = path if isinstance(path, bytes) else str(path)
+    session = ort.InferenceSession(model_file, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     got = session.run(None, {name: images.numpy()})[0]
     with torch.no_grad():
@@ -319,7 +321,7 @@ def onnx_vs_eager(path: str | os.PathLike, model: nn.Module, images: torch.Tenso
     return float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
 
 
-def verify_onnx(path: str | os.PathLike, model: nn.Module, image_size: Tuple[int, int], *,
+def verify_onnx(path: str | os.PathLike | bytes, model: nn.Module, image_size: Tuple[int, int], *,
                 tolerance: float = DEFAULT_TOLERANCE, batch: int = VERIFY_BATCH, seed: int = 0) -> float:
     """Run a random batch through onnxruntime and the eager model; return the max abs difference, or raise
     :class:`ExportError` (one line) when it exceeds ``tolerance``."""
@@ -361,21 +363,9 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, image_size: Option
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
 
-    import onnx
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        diff = verify_onnx(tmp, model, size, tolerance=tolerance)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file an ordinary open()'s permissions
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = proto.SerializeToString()
+    diff = verify_onnx(data, model, size, tolerance=tolerance)   # verified before anything is written
+    atomic_write_bytes(out, data)
     return ExportResult(path=out, max_abs_diff=diff, image_size=size, metadata=meta)
 
 

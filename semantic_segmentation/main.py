@@ -421,9 +421,10 @@ def _train(args: argparse.Namespace, settings: Dict[str, Any], model_config: Dic
         check_resume_consistency(ckpt_path, _resume_settings(args, settings, model_config, saved, max_iters,
                                                              steps_per_epoch), args)
         pretrained = (saved.get("config") or {}).get("pretrained_file")  # what the resumed weights came from
-        del saved
         ckpt = load_training_checkpoint(ckpt_path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                        adapt_optimizer_state=adapt_optimizer_state(net, args.weight_decay))
+                                        adapt_optimizer_state=adapt_optimizer_state(net, args.weight_decay),
+                                        checkpoint=saved)   # the file read above: one read per resume
+        del saved
         start_epoch, best = ckpt["epoch"], ckpt["best_metric"]
         _LOG.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
 

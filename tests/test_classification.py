@@ -313,7 +313,7 @@ def test_evaluate_authors_checkpoint_uses_legacy_layout(trained, data_root, tiny
     assert saved["loss"] == pytest.approx(ref["loss"], rel=1e-5)
 
 
-def test_resume_is_bit_exact(tmp_path, data_root, tiny_cfg):
+def test_resume_is_bit_exact(tmp_path, data_root, tiny_cfg, monkeypatch):
     """3 epochs straight == 1 epoch + resume + 2 epochs, with the resume inside the warm-up (docs/authors-release.md
     item 13): at epoch 1 the warm-up factor 2/3 is below the cosine's 0.75, so a resume that dropped the warm-up
     would differ."""
@@ -321,7 +321,17 @@ def test_resume_is_bit_exact(tmp_path, data_root, tiny_cfg):
     run_main(tiny_cfg, data_root, tmp_path / "a", *common)
     run_main(tiny_cfg, data_root, tmp_path / "b", *common, "--stop-epoch", "1")
     assert load_ckpt(tmp_path / "b" / icm.LAST_CHECKPOINT)["epoch"] == 1
-    run_main(tiny_cfg, data_root, tmp_path / "b", *common, "--resume", str(tmp_path / "b" / icm.LAST_CHECKPOINT))
+    resumed = tmp_path / "b" / icm.LAST_CHECKPOINT
+    reads, real_load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(os.fspath(f) if isinstance(f, (str, os.PathLike)) else None)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    run_main(tiny_cfg, data_root, tmp_path / "b", *common, "--resume", str(resumed))
+    monkeypatch.setattr(torch, "load", real_load)
+    assert reads.count(str(resumed)) == 1   # checked for consistency, then loaded: one read of the run state
     a, b = (load_ckpt(tmp_path / d / icm.LAST_CHECKPOINT) for d in ("a", "b"))
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k in a["state_dict"]:

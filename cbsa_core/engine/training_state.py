@@ -160,7 +160,8 @@ def load_training_checkpoint(path: str | os.PathLike, *, model: nn.Module,
                              optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
                              scaler: torch.amp.GradScaler | None = None, restore_rng: bool = True,
                              strict: bool = True, legacy_token_layout: bool | None = None,
-                             adapt_optimizer_state: Callable[[dict], dict] | None = None) -> dict:
+                             adapt_optimizer_state: Callable[[dict], dict] | None = None,
+                             checkpoint: Mapping[str, Any] | None = None) -> dict:
     """Load a run state written by :func:`save_training_checkpoint`, or an authors' release file.
 
     Model weights go through :func:`cbsa_core.checkpoint.load_checkpoint` (strict key/shape check, ``module.``
@@ -174,13 +175,17 @@ def load_training_checkpoint(path: str | os.PathLike, *, model: nn.Module,
     layout the weights are to be run with (for models whose switch ``load_checkpoint`` cannot reach, such as the
     converted timm ViTs).
 
+    ``checkpoint``: the file's contents when the caller has already read them (the tracks read a resumed file once to
+    check its settings), so that a large run state is not read twice.
+
     Raises :class:`CheckpointError` naming the path when the file is missing or unreadable, and
     :class:`CheckpointMismatchError` when a state does not fit.
     """
     path = Path(path)
-    if not path.is_file():
+    if checkpoint is None and not path.is_file():
         raise CheckpointError(f"resume checkpoint not found: {path}")
-    ckpt = load_checkpoint(model, path, strict=strict, legacy_token_layout=legacy_token_layout)
+    ckpt = load_checkpoint(model, path, strict=strict, legacy_token_layout=legacy_token_layout,
+                           checkpoint=checkpoint)
     ckpt["token_layout"] = resolve_token_layout(ckpt, requested=legacy_token_layout)
 
     # LambdaLR restores the lambda object's own fields too (warm-up length, epochs): the resumed run keeps its

@@ -54,9 +54,9 @@ from timm.models import (build_model_with_cfg, clean_state_dict, generate_defaul
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_args, update_model_input_size
 
-from ..checkpoint import (CheckpointMismatchError, check_arch, check_patch_embedding, check_state_dict,
-                          checkpoint_kind, extract_state_dict, map_original_crate_keys, read_checkpoint,
-                          resolve_token_layout)
+from ..checkpoint import (CheckpointMismatchError, apply_token_layout, check_arch, check_patch_embedding,
+                          check_state_dict, checkpoint_kind, extract_state_dict, map_original_crate_keys,
+                          read_checkpoint)
 from ..layers import (ATTENTION_TYPES, CBSA, ISTA, attention_options, build_attention, check_rep_grid,
                       resample_pos_embed)
 from ..layers.patch_embed import (PATCH_EMBED_TYPES, ConvPatchEmbed, LinearPatchEmbed, check_linear_patch_size,
@@ -561,9 +561,8 @@ class CBT(nn.Module):
         initialised and a first conv of another ``in_chans`` is adapted (the linear patch embedding cannot be).
         """
         ckpt = read_checkpoint(checkpoint_path)
-        kind = checkpoint_kind(ckpt)
-        check_arch(checkpoint_path, ckpt, kind, self, adaptable=("in_chans",))
         state_dict = extract_state_dict(ckpt)
+        check_arch(checkpoint_path, ckpt, checkpoint_kind(ckpt), self, adaptable=("in_chans",), state_dict=state_dict)
         cfg = dict(getattr(self, "pretrained_cfg", None) or _cfg())
         cfg.update(state_dict=state_dict, file=None, url=None, source=None, custom_load=False, label_offset=0)
         head, first = state_dict.get(CLASSIFIER + ".weight"), state_dict.get(FIRST_CONV + ".weight")
@@ -622,13 +621,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: CBT,
     state_dict = clean_state_dict(dict(state_dict))
     check_patch_embedding(source, state_dict, model, (checkpoint or {}).get("arch"))
     state_dict = map_original_crate_keys(state_dict, model)
-    if model.uses_token_layout:
-        legacy, reason = resolve_token_layout(checkpoint if checkpoint is not None else state_dict, None,
-                                              getattr(model, "requested_legacy_token_layout", None))
-        _LOG.info("%s: %s token layout (%s)", source, "legacy" if legacy else "corrected", reason)
-        model.set_legacy_token_layout(legacy)
-    else:
-        _LOG.info("%s: no layer pools representatives, so no token layout applies", source)
+    apply_token_layout(model, checkpoint if checkpoint is not None else state_dict,
+                       getattr(model, "requested_legacy_token_layout", None), source)
 
     pos = state_dict.get("pos_embedding")
     if pos is not None and pos.dim() == 3 and pos.shape != model.pos_embedding.shape \
