@@ -36,7 +36,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from cbsa_core.checkpoint import (CheckpointError, CheckpointMismatchError, check_state_dict, checkpoint_kind,
-                                  decide_token_layout, read_checkpoint, recorded_token_layout, strip_prefix)
+                                  decide_token_layout, extract_state_dict, read_checkpoint, recorded_token_layout,
+                                  strip_prefix)
 
 from .convert import convert_vit
 
@@ -137,7 +138,7 @@ def load_pretrained_file(model: VisionTransformer, path: str | os.PathLike) -> O
     if suffix == ".npz":
         _load_npz(model, path)
     else:
-        layout = _load_state_dict_file(model, path, suffix)
+        layout = _load_state_dict_file(model, path)
     _LOG.info("%s: loaded pretrained weights from %s", arch, path)
     return layout
 
@@ -151,22 +152,12 @@ def _file_token_layout(ckpt: Mapping[str, Any]) -> Optional[bool]:
     return recorded_token_layout(ckpt, kind)[0]
 
 
-def _load_state_dict_file(model: VisionTransformer, path: Path, suffix: str) -> Optional[bool]:
-    layout = None
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            state_dict = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
-    else:
-        ckpt = read_checkpoint(path)
-        layout = _file_token_layout(ckpt)
-        for key in ("state_dict", "model"):
-            if isinstance(ckpt.get(key), Mapping):
-                ckpt = ckpt[key]
-                break
+def _load_state_dict_file(model: VisionTransformer, path: Path) -> Optional[bool]:
+    ckpt = read_checkpoint(path)   # .pth/.pt/.bin and .safetensors, through the core's one safe reader
+    layout = _file_token_layout(ckpt)
+    try:
+        state_dict = extract_state_dict(ckpt)   # any wrapper the core knows, DDP/compile prefixes removed
+    except CheckpointError:   # a mapping the core does not classify: its tensors are the weights
         state_dict = strip_prefix({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)})
     state_dict = dict(state_dict)
     source = f"pretrained weights file {path}"
