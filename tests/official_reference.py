@@ -294,22 +294,6 @@ class CrateAttention(nn.Module):
         return self.to_out(rearrange(torch.matmul(attn, w), "b h n d -> b n (h d)"))
 
 
-class CrateTransformer(nn.Module):
-    """CRATE's layers: z = x + MSSA(LN x); x = ISTA(LN z) (CRATE's FeedForward is the same ISTA step)."""
-
-    def __init__(self, dim: int, depth: int, heads: int, dim_head: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([PreNorm(dim, CrateAttention(dim, heads=heads, dim_head=dim_head)), PreNorm(dim, ISTA(dim))])
-            for _ in range(depth)
-        ])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attn, ff in self.layers:
-            x = ff(attn(x) + x)
-        return x
-
-
 class CRATE(nn.Module):
     """CRATE's classifier: einops patchify '(h p1) (w p2) -> (h w) (p1 p2 c)', LN -> Linear -> LN, [CLS] and
     ``pos_embedding[:, :n + 1]``, the layers, then LN + Linear on [CLS] (``pool='cls'``) or on the mean of ALL
@@ -328,7 +312,7 @@ class CRATE(nn.Module):
             nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim), nn.LayerNorm(dim))
         self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.transformer = CrateTransformer(dim, depth, heads, dim_head)
+        self.transformer = Transformer(dim, depth, heads, dim_head, CrateAttention)
         self.pool = pool
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
 
